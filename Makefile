@@ -1,0 +1,34 @@
+# dsv3-jax: `make demo` and `make test` work on a fresh machine (they run `setup` first).
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# Python >= 3.12 (JAX >= 0.11). Prefer pyenv's interpreter named in .python-version.
+PYTHON ?= $(shell v=$$(cat .python-version 2>/dev/null); \
+	for p in "$$(pyenv root 2>/dev/null)/versions/$$v/bin/python" "$$HOME/.pyenv/versions/$$v/bin/python" \
+	         "$$(command -v python3.12)" "$$(command -v python3.13)" "$$(command -v python3)"; do \
+	  [ -x "$$p" ] && "$$p" -c 'import sys; sys.exit(sys.version_info < (3, 12))' 2>/dev/null && { echo "$$p"; break; }; \
+	done)
+TEST_ENV := JAX_PLATFORMS=cpu XLA_FLAGS=--xla_force_host_platform_device_count=8
+
+.PHONY: setup demo test info clean
+
+setup: $(VENV)/.stamp
+
+$(VENV)/.stamp: pyproject.toml constraints.txt
+	@[ -n "$(PYTHON)" ] || { echo "error: Python >= 3.12 not found (install it, e.g. 'pyenv install 3.12', or pass PYTHON=/path/to/python3.12)"; exit 1; }
+	@[ -x $(PY) ] || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -c constraints.txt -e '.[test]'
+	@touch $@
+
+demo: setup
+	$(TEST_ENV) $(PY) -m dsv3_jax demo
+
+test: setup
+	$(TEST_ENV) $(PY) -m pytest tests
+
+info: setup
+	$(PY) -m dsv3_jax info configs/deepseek_v3_671b.json
+
+clean:
+	rm -rf $(VENV) .pytest_cache

@@ -1,0 +1,82 @@
+"""The compressed MLA cache: per layer, the normalised kv latent (C) and the roped key (R).
+
+576 values per token per layer for DeepSeek-V3 (C = 512, R = 64), instead of the 2·128·(128+64)
+of uncompressed keys and values. The cache is a plain pytree that goes in and out of the pure
+prefill/decode functions (never hidden module state).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+from dsv3_jax.config import ModelConfig
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class LayerCache:
+  """One layer's cache (a leading [L] axis when stacked for a scanned group of layers).
+
+  c_kv: [B, S, C] normalised kv latent.  k_pe: [B, S, R] roped shared rope key.
+  """
+
+  c_kv: jax.Array
+  k_pe: jax.Array
+
+  def write(self, c_kv: jax.Array, k_pe: jax.Array, start: jax.Array) -> "LayerCache":
+    """Writes T new tokens per row at positions start[b] .. start[b]+T-1.
+
+    Args:
+      c_kv: [B, T, C]; k_pe: [B, T, R]; start: [B] int32.
+    """
+    put = jax.vmap(lambda buf, new, s: jax.lax.dynamic_update_slice_in_dim(buf, new, s, axis=0))
+    return LayerCache(put(self.c_kv, c_kv.astype(self.c_kv.dtype), start),
+                      put(self.k_pe, k_pe.astype(self.k_pe.dtype), start))
+
+  @property
+  def max_len(self) -> int:
+    return self.c_kv.shape[-2]
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class Cache:
+  """The whole model's cache: stacked LayerCaches for the dense and the MoE layer groups, and one
+  per MTP module (for speculative decoding). A group with no layers holds None."""
+
+  dense: LayerCache | None
+  moe: LayerCache | None
+  mtp: tuple[LayerCache, ...] = ()
+
+  @property
+  def max_len(self) -> int:
+    return (self.dense or self.moe).max_len
+
+
+def _layer_cache(num_layers, batch, max_len, cfg, dtype, lead=True):
+  shape = (num_layers, batch, max_len) if lead else (batch, max_len)
+  return LayerCache(jnp.zeros(shape + (cfg.kv_lora_rank,), dtype),
+                    jnp.zeros(shape + (cfg.qk_rope_head_dim,), dtype))
+
+
+def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=jnp.bfloat16,
+               with_mtp: bool = False) -> Cache:
+  """An empty (zero) cache for `batch` rows of up to `max_len` tokens."""
+  if max_len <= 0 or batch <= 0:
+    raise ValueError(f"cache needs batch > 0 and max_len > 0, got {batch=} {max_len=}")
+  return Cache(
+      dense=_layer_cache(cfg.num_dense_layers, batch, max_len, cfg, dtype)
+      if cfg.num_dense_layers else None,
+      moe=_layer_cache(cfg.num_moe_layers, batch, max_len, cfg, dtype)
+      if cfg.num_moe_layers else None,
+      mtp=tuple(_layer_cache(0, batch, max_len, cfg, dtype, lead=False)
+                for _ in range(cfg.num_nextn_predict_layers if with_mtp else 0)),
+  )
+
+
+def cache_bytes_per_token(cfg: ModelConfig, dtype=jnp.bfloat16) -> int:
+  """Bytes the compressed cache holds per token for the main model's layers."""
+  return cfg.num_hidden_layers * cfg.cache_values_per_token * jnp.dtype(dtype).itemsize

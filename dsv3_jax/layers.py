@@ -1,0 +1,183 @@
+"""Leaf layers: RMSNorm, Linear (bf16/fp32 or FP8 + 128×128 block scales), Embed, YaRN RoPE.
+
+Linear weights keep the checkpoint's [out, in] layout (N×K, as the FP8 GEMM wants them), so a
+checkpoint round-trips bit-exactly and FP8 block scales index as scale[n // 128, k // 128].
+Every parameter carries logical axis names in its `out_sharding` metadata; `sharding.py` maps
+them to mesh axes.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from dsv3_jax.config import ModelConfig, yarn_mscale
+
+FP8_BLOCK = 128
+FP8_DTYPE = jnp.float8_e4m3fn
+
+
+def param(value, axes: tuple[str | None, ...]) -> nnx.Param:
+  """An nnx.Param annotated with logical axis names (sharded later, not at creation)."""
+  assert len(axes) == value.ndim, (axes, value.shape)
+  return nnx.Param(value, out_sharding=axes, eager_sharding=False)
+
+
+def _normal(rngs: nnx.Rngs, shape, std: float, dtype) -> jax.Array:
+  return (std * jax.random.normal(rngs.params(), shape, jnp.float32)).astype(dtype)
+
+
+def scale_shape(out_features: int, in_features: int) -> tuple[int, int]:
+  return (math.ceil(out_features / FP8_BLOCK), math.ceil(in_features / FP8_BLOCK))
+
+
+def dequantize_blocks(w: jax.Array, scale_inv: jax.Array, dtype=jnp.float32) -> jax.Array:
+  """W = W_fp8 · scale_inv[n // 128, k // 128] (DeepSeek's `weight_scale_inv` is a multiplier).
+
+  Args:
+    w: [..., N, K] e4m3 (or any float) weight.
+    scale_inv: [..., ceil(N/128), ceil(K/128)] float32 block scales.
+  Returns:
+    [..., N, K] in `dtype`, computed in float32.
+  """
+  *lead, n, k = w.shape
+  if scale_inv.shape != (*lead, *scale_shape(n, k)):
+    raise ValueError(f"scale shape {scale_inv.shape} does not match weight {w.shape}: "
+                     f"expected {(*lead, *scale_shape(n, k))}")
+  s = jnp.repeat(jnp.repeat(scale_inv.astype(jnp.float32), FP8_BLOCK, axis=-2), FP8_BLOCK, axis=-1)
+  return (w.astype(jnp.float32) * s[..., :n, :k]).astype(dtype)
+
+
+class RMSNorm(nnx.Module):
+  """y = x / sqrt(mean(x²) + eps) · weight, computed in float32. x: [..., D] → [..., D]."""
+
+  def __init__(self, dim: int, *, eps: float, param_dtype=jnp.float32, axis: str = "norm"):
+    self.eps = eps
+    self.weight = param(jnp.ones((dim,), param_dtype), (axis,))
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    xf = x.astype(jnp.float32)
+    y = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
+    return (y * self.weight[...].astype(jnp.float32)).astype(x.dtype)
+
+
+class Linear(nnx.Module):
+  """y = x · Wᵀ with W [out, in]; bias-free.
+
+  With `fp8=True` the weight is e4m3 with a float32 `weight_scale_inv` [ceil(out/128),
+  ceil(in/128)] (DeepSeek's checkpoint layout) and is dequantized block-wise before the product
+  (the XLA path; GPU kernels replace this product).
+  """
+
+  def __init__(self, in_features: int, out_features: int, *, axes: tuple[str, str],
+               rngs: nnx.Rngs, std: float = 0.006, param_dtype=jnp.float32, fp8: bool = False):
+    self.in_features, self.out_features = in_features, out_features
+    w = _normal(rngs, (out_features, in_features), std, jnp.float32)
+    if fp8:
+      q, s = quantize_blocks(w)
+      self.weight = param(q, axes)
+      self.weight_scale_inv = param(s, axes)
+    else:
+      self.weight = param(w.astype(param_dtype), axes)
+      self.weight_scale_inv = None
+
+  def dense_weight(self, dtype) -> jax.Array:
+    """The [out, in] weight in `dtype` (dequantized if FP8)."""
+    if self.weight_scale_inv is not None:
+      return dequantize_blocks(self.weight[...], self.weight_scale_inv[...], dtype)
+    return self.weight[...].astype(dtype)
+
+  def __call__(self, x: jax.Array, out_dtype=None) -> jax.Array:
+    """x: [..., in] → [..., out] in out_dtype (default x.dtype), float32 accumulation."""
+    w = self.dense_weight(x.dtype)
+    y = jnp.einsum("...k,nk->...n", x, w, preferred_element_type=jnp.float32)
+    return y.astype(out_dtype or x.dtype)
+
+
+def quantize_blocks(w: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """128×128 block quantization to e4m3, the layout of DeepSeek's released weights.
+
+  Args:
+    w: [..., N, K] float weight.
+  Returns:
+    (e4m3 [..., N, K], float32 scale_inv [..., ceil(N/128), ceil(K/128)]) with
+    scale_inv = amax(block) / 448, so that w ≈ e4m3 · scale_inv.
+  """
+  *lead, n, k = w.shape
+  bn, bk = scale_shape(n, k)
+  pad = jnp.zeros((*lead, bn * FP8_BLOCK, bk * FP8_BLOCK), jnp.float32)
+  pad = pad.at[..., :n, :k].set(w.astype(jnp.float32))
+  blocks = pad.reshape(*lead, bn, FP8_BLOCK, bk, FP8_BLOCK)
+  scale = jnp.maximum(jnp.abs(blocks).max(axis=(-3, -1)), 1e-12) / 448.0
+  q = (blocks / scale[..., :, None, :, None]).reshape(pad.shape)[..., :n, :k]
+  return q.astype(FP8_DTYPE), scale
+
+
+class Embed(nnx.Module):
+  """Token embedding table [V, D]. tokens [...] int → [..., D]."""
+
+  def __init__(self, vocab: int, dim: int, *, rngs: nnx.Rngs, std: float = 0.006,
+               param_dtype=jnp.float32):
+    self.weight = param(_normal(rngs, (vocab, dim), std, param_dtype), ("vocab", "embed"))
+
+  def __call__(self, tokens: jax.Array, dtype) -> jax.Array:
+    return jnp.take(self.weight[...], tokens, axis=0).astype(dtype)
+
+
+# ---- RoPE / YaRN --------------------------------------------------------------------------------
+def rope_inv_freq(cfg: ModelConfig) -> np.ndarray:
+  """Inverse frequencies [R/2] (float64), YaRN-interpolated when the config has YaRN scaling.
+
+  freq_i = θ^(-2i/R); YaRN blends freq/factor and freq with a ramp between the correction dims
+  low = floor(d(beta_fast)) and high = ceil(d(beta_slow)), d(r) = R·ln(L0/(2πr)) / (2 ln θ).
+  """
+  dim, theta = cfg.qk_rope_head_dim, cfg.rope_theta
+  freqs = 1.0 / theta ** (np.arange(0, dim, 2, dtype=np.float64) / dim)
+  rs = cfg.rope_scaling
+  if rs is None:
+    return freqs
+
+  def corr_dim(rot):
+    return dim * math.log(rs.original_max_position_embeddings / (rot * 2 * math.pi)) / (
+        2 * math.log(theta))
+
+  low = max(math.floor(corr_dim(rs.beta_fast)), 0)
+  high = min(math.ceil(corr_dim(rs.beta_slow)), dim - 1)
+  if low == high:
+    high += 0.001
+  ramp = np.clip((np.arange(dim // 2, dtype=np.float64) - low) / (high - low), 0.0, 1.0)
+  return freqs / rs.factor * ramp + freqs * (1.0 - ramp)
+
+
+def rope_attention_factor(cfg: ModelConfig) -> float:
+  """HF's cos/sin multiplier mscale(factor, mscale) / mscale(factor, mscale_all_dim) (1.0 for
+  every released config)."""
+  rs = cfg.rope_scaling
+  if rs is None:
+    return 1.0
+  if rs.mscale and rs.mscale_all_dim:
+    return yarn_mscale(rs.factor, rs.mscale) / yarn_mscale(rs.factor, rs.mscale_all_dim)
+  return yarn_mscale(rs.factor, 1.0)
+
+
+def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: np.ndarray,
+               attention_factor: float = 1.0) -> jax.Array:
+  """Rotates ADJACENT pairs (x[2i], x[2i+1]) — the interleaved layout of DeepSeek's checkpoints.
+
+  Args:
+    x: [B, T, ..., R] (any number of head axes after T).
+    positions: [B, T] integer positions.
+  Returns:
+    [B, T, ..., R] in x.dtype (rotation computed in float32).
+  """
+  angles = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq, jnp.float32)  # [B,T,R/2]
+  angles = angles.reshape(angles.shape[:2] + (1,) * (x.ndim - 3) + angles.shape[-1:])
+  cos, sin = jnp.cos(angles) * attention_factor, jnp.sin(angles) * attention_factor
+  xf = x.astype(jnp.float32).reshape(*x.shape[:-1], -1, 2)
+  x0, x1 = xf[..., 0], xf[..., 1]
+  out = jnp.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], axis=-1)
+  return out.reshape(x.shape).astype(x.dtype)

@@ -1,0 +1,129 @@
+"""Multi-head Latent Attention (DeepSeek-V2/V3), full and absorbed forms.
+
+Full form (training, prefill): keys and values are expanded per head from the kv latent:
+  k = [k_nope; k_pe], k_nope, v = kv_b_proj(c_kv).
+Absorbed form (decode over the compressed cache): W_UK folds into the query and W_UV into the
+output, so attention runs over the latent c_kv [S, C] and the shared k_pe [S, R] only:
+  score = (q_nope · W_UK) · c_kv + q_pe · k_pe,   out = (p · c_kv) · W_UVᵀ.
+Both are the same function up to rounding (arXiv 2405.04434 §2.1.2).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from dsv3_jax.cache import LayerCache
+from dsv3_jax.config import ModelConfig
+from dsv3_jax.layers import Linear, RMSNorm, apply_rope, rope_attention_factor, rope_inv_freq
+
+AttnMode = Literal["full", "absorbed"]
+_NEG_INF = -1e30  # finite: a row with no visible key (padding) stays NaN-free
+
+
+class MLA(nnx.Module):
+  """Attention block. Parameter names follow the checkpoint (`self_attn.*`)."""
+
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, param_dtype=jnp.float32,
+               fp8: bool = False):
+    d, n = cfg.hidden_size, cfg.num_attention_heads
+    self.num_heads = n
+    self.nope_dim, self.rope_dim, self.v_dim = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim
+    self.kv_lora_rank = cfg.kv_lora_rank
+    self.scale = cfg.softmax_scale
+    self.inv_freq = tuple(float(f) for f in rope_inv_freq(cfg))
+    self.rope_factor = rope_attention_factor(cfg)
+    lin = dict(rngs=rngs, std=cfg.initializer_range, param_dtype=param_dtype, fp8=fp8)
+    qk = cfg.qk_head_dim
+    if cfg.q_lora_rank:
+      self.q_a_proj = Linear(d, cfg.q_lora_rank, axes=("q_lora", "embed"), **lin)
+      self.q_a_layernorm = RMSNorm(cfg.q_lora_rank, eps=cfg.rms_norm_eps, param_dtype=param_dtype)
+      self.q_b_proj = Linear(cfg.q_lora_rank, n * qk, axes=("heads", "q_lora"), **lin)
+      self.q_proj = None
+    else:
+      self.q_a_proj = self.q_a_layernorm = self.q_b_proj = None
+      self.q_proj = Linear(d, n * qk, axes=("heads", "embed"), **lin)
+    self.kv_a_proj_with_mqa = Linear(d, cfg.kv_lora_rank + cfg.qk_rope_head_dim,
+                                     axes=("kv_lora", "embed"), **lin)
+    self.kv_a_layernorm = RMSNorm(cfg.kv_lora_rank, eps=cfg.rms_norm_eps, param_dtype=param_dtype)
+    self.kv_b_proj = Linear(cfg.kv_lora_rank, n * (cfg.qk_nope_head_dim + cfg.v_head_dim),
+                            axes=("heads", "kv_lora"), **lin)
+    self.o_proj = Linear(n * cfg.v_head_dim, d, axes=("embed", "heads"), **lin)
+
+  def _rope(self, x, positions):
+    return apply_rope(x, positions, self.inv_freq, self.rope_factor)
+
+  def __call__(self, x: jax.Array, positions: jax.Array, cache: LayerCache | None = None,
+               mode: AttnMode = "full") -> tuple[jax.Array, LayerCache | None]:
+    """Causal self-attention.
+
+    Args:
+      x: [B, T, D] activations.
+      positions: [B, T] absolute positions, contiguous per row.
+      cache: this layer's cache or None. When given, the T new tokens' latents are written at
+        positions[:, 0] onwards.
+      mode: "full" attends among the T tokens themselves (training; a prefill from position 0);
+        "absorbed" attends over the whole cache (decode), or over the T tokens if no cache.
+    Returns:
+      ([B, T, D], the updated cache or None).
+    """
+    b, t, _ = x.shape
+    n = self.num_heads
+    if self.q_proj is not None:
+      q = self.q_proj(x)
+    else:
+      q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+    q = q.reshape(b, t, n, self.nope_dim + self.rope_dim)
+    q_nope, q_pe = q[..., :self.nope_dim], self._rope(q[..., self.nope_dim:], positions)
+
+    kv = self.kv_a_proj_with_mqa(x)  # [B, T, C + R]
+    c_kv = self.kv_a_layernorm(kv[..., :self.kv_lora_rank])
+    k_pe = self._rope(kv[..., self.kv_lora_rank:], positions)  # one head, shared by all heads
+
+    if cache is not None:
+      cache = cache.write(c_kv, k_pe, positions[:, 0])
+    if mode == "absorbed":
+      if cache is not None:
+        c_keys, pe_keys = cache.c_kv.astype(x.dtype), cache.k_pe.astype(x.dtype)
+        key_pos = jnp.broadcast_to(jnp.arange(cache.max_len, dtype=positions.dtype),
+                                   (b, cache.max_len))
+      else:
+        c_keys, pe_keys, key_pos = c_kv, k_pe, positions
+      out = self._absorbed(q_nope, q_pe, c_keys, pe_keys, positions, key_pos)
+    elif mode == "full":
+      out = self._full(q_nope, q_pe, c_kv, k_pe, positions)
+    else:
+      raise ValueError(f"{mode=} must be 'full' or 'absorbed'")
+    return self.o_proj(out.reshape(b, t, n * self.v_dim)), cache
+
+  def _softmax(self, scores, q_pos, k_pos, dtype):
+    """scores: [B, T, N, S] float32; causal mask from positions; returns probabilities in dtype."""
+    visible = k_pos[:, None, None, :] <= q_pos[:, :, None, None]  # [B, T, 1, S]
+    scores = jnp.where(visible, scores * self.scale, _NEG_INF)
+    return jax.nn.softmax(scores, axis=-1).astype(dtype)
+
+  def _full(self, q_nope, q_pe, c_kv, k_pe, positions):
+    b, s, _ = c_kv.shape
+    kv = self.kv_b_proj(c_kv).reshape(b, s, self.num_heads, self.nope_dim + self.v_dim)
+    k_nope, v = kv[..., :self.nope_dim], kv[..., self.nope_dim:]
+    f32 = jnp.float32
+    scores = (jnp.einsum("btnh,bsnh->btns", q_nope, k_nope, preferred_element_type=f32)
+              + jnp.einsum("btnr,bsr->btns", q_pe, k_pe, preferred_element_type=f32))
+    p = self._softmax(scores, positions, positions, v.dtype)
+    return jnp.einsum("btns,bsnv->btnv", p, v, preferred_element_type=f32).astype(v.dtype)
+
+  def _absorbed(self, q_nope, q_pe, c_kv, k_pe, q_pos, k_pos):
+    dtype = q_nope.dtype
+    w = self.kv_b_proj.dense_weight(dtype).reshape(self.num_heads, self.nope_dim + self.v_dim,
+                                                    self.kv_lora_rank)
+    w_uk, w_uv = w[:, :self.nope_dim], w[:, self.nope_dim:]  # [N, H, C], [N, V, C]
+    f32 = jnp.float32
+    q_lat = jnp.einsum("btnh,nhc->btnc", q_nope, w_uk, preferred_element_type=f32).astype(dtype)
+    scores = (jnp.einsum("btnc,bsc->btns", q_lat, c_kv, preferred_element_type=f32)
+              + jnp.einsum("btnr,bsr->btns", q_pe, k_pe, preferred_element_type=f32))
+    p = self._softmax(scores, q_pos, k_pos, dtype)
+    o_lat = jnp.einsum("btns,bsc->btnc", p, c_kv, preferred_element_type=f32).astype(dtype)
+    return jnp.einsum("btnc,nvc->btnv", o_lat, w_uv, preferred_element_type=f32).astype(dtype)

@@ -1,0 +1,181 @@
+"""The DeepSeek-V3 model: embedding, scanned dense and MoE decoder stacks, final norm, head, MTP.
+
+Each group of identical layers (the first_k_dense_replace dense layers, then the MoE layers) is
+one module whose parameters carry a leading [L] axis (built with nnx.vmap), applied with
+jax.lax.scan, so compile time does not grow with depth.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from dsv3_jax.cache import Cache, LayerCache
+from dsv3_jax.config import ModelConfig
+from dsv3_jax.layers import Embed, Linear, RMSNorm
+from dsv3_jax.mla import MLA, AttnMode
+from dsv3_jax.moe import MLP, MoE
+
+
+class DecoderLayer(nnx.Module):
+  """Pre-norm block: x + attn(norm(x)), then h + mlp(norm(h)). x: [B, T, D] → [B, T, D]."""
+
+  def __init__(self, cfg: ModelConfig, *, moe: bool, rngs: nnx.Rngs, param_dtype=jnp.float32,
+               fp8: bool = False):
+    kw = dict(rngs=rngs, param_dtype=param_dtype, fp8=fp8)
+    self.input_layernorm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, param_dtype=param_dtype)
+    self.self_attn = MLA(cfg, **kw)
+    self.post_attention_layernorm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps,
+                                            param_dtype=param_dtype)
+    self.mlp = (MoE(cfg, **kw) if moe else
+                MLP(cfg.hidden_size, cfg.intermediate_size, std=cfg.initializer_range, **kw))
+
+  def __call__(self, x, positions, cache: LayerCache | None = None, mode: AttnMode = "full"):
+    h, cache = self.self_attn(self.input_layernorm(x), positions, cache, mode)
+    x = x + h
+    return x + self.mlp(self.post_attention_layernorm(x)), cache
+
+
+def _stack(n: int, make: Callable[[nnx.Rngs], nnx.Module], rngs: nnx.Rngs) -> nnx.Module | None:
+  """n copies of a module with parameters stacked on a leading 'layers' axis (None if n == 0)."""
+  if n == 0:
+    return None
+
+  @nnx.split_rngs(splits=n)
+  @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
+  def build(r):
+    return make(r)
+
+  return build(rngs)
+
+
+def scan_layers(layers: nnx.Module, x, positions, cache: LayerCache | None, mode: AttnMode):
+  """Applies a stacked group of DecoderLayers with lax.scan over its leading axis.
+
+  Args:
+    layers: a module built by _stack; cache: LayerCache with a leading [L] axis, or None.
+  Returns:
+    (x [B, T, D], the updated stacked cache or None).
+  """
+  graphdef, state = nnx.split(layers)
+
+  def body(h, inputs):
+    layer_state, layer_cache = inputs
+    return nnx.merge(graphdef, layer_state)(h, positions, layer_cache, mode)
+
+  return jax.lax.scan(body, x, (state, cache))
+
+
+class MTPLayer(nnx.Module):
+  """One multi-token-prediction module (checkpoint layer index num_hidden_layers + k).
+
+  h' = eh_proj([enorm(Emb(t_{i+k})); hnorm(h_i)]) → a full MoE decoder block → shared_head.norm
+  → the main model's head. Embedding and head are shared with the main model.
+  """
+
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, param_dtype=jnp.float32,
+               fp8: bool = False):
+    d = cfg.hidden_size
+    self.enorm = RMSNorm(d, eps=cfg.rms_norm_eps, param_dtype=param_dtype)
+    self.hnorm = RMSNorm(d, eps=cfg.rms_norm_eps, param_dtype=param_dtype)
+    self.eh_proj = Linear(2 * d, d, axes=("embed", "embed2"), rngs=rngs,
+                          std=cfg.initializer_range, param_dtype=param_dtype)
+    self.block = DecoderLayer(cfg, moe=cfg.n_routed_experts > 0, rngs=rngs,
+                              param_dtype=param_dtype, fp8=fp8)
+    self.shared_head_norm = RMSNorm(d, eps=cfg.rms_norm_eps, param_dtype=param_dtype)
+
+  def __call__(self, h_prev, emb_next, positions, cache: LayerCache | None = None,
+               mode: AttnMode = "full"):
+    """h_prev: [B, T, D] previous depth's hidden (the main model's AFTER its final norm);
+    emb_next: [B, T, D] embeddings of the tokens one step ahead. Returns (block output
+    [B, T, D] before shared_head.norm, cache)."""
+    x = self.eh_proj(jnp.concatenate([self.enorm(emb_next), self.hnorm(h_prev)], axis=-1))
+    return self.block(x, positions, cache, mode)
+
+
+class Transformer(nnx.Module):
+  """DeepSeek-V3 causal LM. `model(tokens [B, T])` → logits [B, T, V] float32.
+
+  Args:
+    cfg: the architecture.
+    rngs: parameter initialisation.
+    param_dtype: storage dtype of non-FP8 parameters.
+    dtype: activation (compute) dtype.
+    fp8: store attention/MLP/expert projections as e4m3 + 128×128 block scales
+      (default: cfg.fp8, i.e. the checkpoint has a quantization_config).
+  """
+
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, param_dtype=jnp.float32,
+               dtype=jnp.float32, fp8: bool | None = None):
+    fp8 = cfg.fp8 if fp8 is None else fp8
+    self.cfg = cfg
+    self.dtype = dtype
+    kw = dict(param_dtype=param_dtype, fp8=fp8)
+    self.embed_tokens = Embed(cfg.vocab_size, cfg.hidden_size, rngs=rngs,
+                              std=cfg.initializer_range, param_dtype=param_dtype)
+    self.dense_layers = _stack(cfg.num_dense_layers,
+                               lambda r: DecoderLayer(cfg, moe=False, rngs=r, **kw), rngs)
+    self.moe_layers = _stack(cfg.num_moe_layers,
+                             lambda r: DecoderLayer(cfg, moe=True, rngs=r, **kw), rngs)
+    self.norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, param_dtype=param_dtype)
+    self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, axes=("vocab", "embed"), rngs=rngs,
+                          std=cfg.initializer_range, param_dtype=param_dtype)
+    self.mtp = nnx.List([MTPLayer(cfg, rngs=rngs, **kw)
+                         for _ in range(cfg.num_nextn_predict_layers)])
+
+  # ---- pieces ---------------------------------------------------------------------------------
+  def embed(self, tokens: jax.Array) -> jax.Array:
+    return self.embed_tokens(tokens, self.dtype)
+
+  def head(self, h: jax.Array) -> jax.Array:
+    """h: [B, T, D] (already normed) → logits [B, T, V] float32."""
+    return self.lm_head(h, out_dtype=jnp.float32)
+
+  def hidden(self, tokens, positions=None, cache: Cache | None = None,
+             mode: AttnMode = "full") -> tuple[jax.Array, Cache | None]:
+    """The main model's last hidden state AFTER the final RMSNorm.
+
+    Args:
+      tokens: [B, T] int token ids; positions: [B, T] (default 0..T-1).
+      cache: a Cache to write (and, in "absorbed" mode, to attend over), or None.
+    Returns:
+      (h [B, T, D], the updated cache or None).
+    """
+    if positions is None:
+      positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
+    x = self.embed(tokens)
+    new_dense = new_moe = None
+    if self.dense_layers is not None:
+      x, new_dense = scan_layers(self.dense_layers, x, positions,
+                                 None if cache is None else cache.dense, mode)
+    if self.moe_layers is not None:
+      x, new_moe = scan_layers(self.moe_layers, x, positions,
+                               None if cache is None else cache.moe, mode)
+    if cache is not None:
+      cache = Cache(dense=new_dense, moe=new_moe, mtp=cache.mtp)
+    return self.norm(x), cache
+
+  def mtp_logits(self, h: jax.Array, tokens: jax.Array, positions=None) -> list[jax.Array]:
+    """Training-time MTP predictions (full attention, no cache).
+
+    Args:
+      h: [B, T, D] main hidden after the final norm; tokens: [B, T].
+    Returns:
+      one array per depth k = 1..num_nextn_predict_layers: [B, T-k, V] float32, whose position
+      i predicts token i+k+1.
+    """
+    if positions is None:
+      positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
+    out = []
+    for k, layer in enumerate(self.mtp, start=1):
+      h, _ = layer(h[:, :-1], self.embed(tokens[:, k:]), positions[:, :-k])
+      out.append(self.head(layer.shared_head_norm(h)))
+    return out
+
+  def __call__(self, tokens: jax.Array, positions: jax.Array | None = None) -> jax.Array:
+    """tokens: [B, T] → logits [B, T, V] float32."""
+    h, _ = self.hidden(tokens, positions)
+    return self.head(h)

@@ -1,0 +1,192 @@
+"""DeepSeekMoE: dense MLP, router (sigmoid/softmax, group-limited, aux-loss-free bias) and the
+dropless routed experts, dispatched by sorting tokens by expert into one grouped matmul.
+
+The grouped matmul (`grouped_matmul`) is the only place that touches the expert weights: the
+FP8 grouped kernel and the expert-parallel (all-to-all) version replace it there.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from dsv3_jax.config import ModelConfig
+from dsv3_jax.layers import Linear, _normal, dequantize_blocks, param, quantize_blocks
+
+_RAGGED_DIMS = jax.lax.RaggedDotDimensionNumbers(
+    dot_dimension_numbers=(((1,), (2,)), ((), ())),  # x [M, K] · w [E, N, K] over K
+    lhs_ragged_dimensions=[0],
+    rhs_group_dimensions=[0],
+)
+
+
+class MLP(nnx.Module):
+  """SwiGLU MLP: down(silu(gate(x)) · up(x)). x: [..., D] → [..., D]."""
+
+  def __init__(self, dim: int, hidden: int, *, rngs: nnx.Rngs, std: float,
+               param_dtype=jnp.float32, fp8: bool = False):
+    lin = dict(rngs=rngs, std=std, param_dtype=param_dtype, fp8=fp8)
+    self.gate_proj = Linear(dim, hidden, axes=("mlp", "embed"), **lin)
+    self.up_proj = Linear(dim, hidden, axes=("mlp", "embed"), **lin)
+    self.down_proj = Linear(hidden, dim, axes=("embed", "mlp"), **lin)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+@dataclasses.dataclass(frozen=True)
+class Routing:
+  """Router output for M tokens. weights [M, K] f32, experts [M, K] int32, scores [M, E] f32
+  (unbiased affinities, for the balance loss)."""
+
+  weights: jax.Array
+  experts: jax.Array
+  scores: jax.Array
+
+
+class Router(nnx.Module):
+  """The MoE gate (`mlp.gate`): weight [E, D] (never FP8) and, for V3, the aux-loss-free
+  `e_score_correction_bias` [E] that only selects experts, never weights them."""
+
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, param_dtype=jnp.float32):
+    self.cfg = cfg
+    e = cfg.n_routed_experts
+    self.weight = param(_normal(rngs, (e, cfg.hidden_size), cfg.initializer_range, param_dtype),
+                        ("expert", "embed"))
+    self.e_score_correction_bias = (param(jnp.zeros((e,), jnp.float32), ("expert",))
+                                    if cfg.has_correction_bias else None)
+
+  def __call__(self, x: jax.Array) -> Routing:
+    """x: [M, D] → Routing. All routing math in float32."""
+    cfg = self.cfg
+    logits = jnp.einsum("md,ed->me", x.astype(jnp.float32), self.weight[...].astype(jnp.float32))
+    scores = jax.nn.sigmoid(logits) if cfg.scoring_func == "sigmoid" else jax.nn.softmax(logits, -1)
+    choice = scores
+    if self.e_score_correction_bias is not None:
+      choice = scores + self.e_score_correction_bias[...].astype(jnp.float32)
+    if cfg.n_group > 1:
+      m = x.shape[0]
+      grouped = choice.reshape(m, cfg.n_group, -1)
+      if cfg.group_scoring == "top2_sum":
+        group_score = jax.lax.top_k(grouped, 2)[0].sum(-1)
+      else:
+        group_score = grouped.max(-1)
+      keep = jax.lax.top_k(group_score, cfg.topk_group)[1]  # [M, topk_group]
+      group_mask = jnp.zeros((m, cfg.n_group), bool).at[jnp.arange(m)[:, None], keep].set(True)
+      choice = jnp.where(group_mask[:, :, None], grouped, -jnp.inf).reshape(m, -1)
+    experts = jax.lax.top_k(choice, cfg.num_experts_per_tok)[1]
+    weights = jnp.take_along_axis(scores, experts, axis=-1)
+    if cfg.norm_topk_prob:
+      weights = weights / (weights.sum(-1, keepdims=True) + 1e-20)
+    return Routing(weights * cfg.routed_scaling_factor, experts.astype(jnp.int32), scores)
+
+
+def grouped_matmul(x: jax.Array, w: jax.Array, group_sizes: jax.Array,
+                   scale_inv: jax.Array | None = None) -> jax.Array:
+  """Rows of x sorted by group times their group's weight: y[i] = x[i] · w[g(i)]ᵀ.
+
+  Args:
+    x: [M, K] rows sorted by group; group g owns group_sizes[g] consecutive rows.
+    w: [E, N, K] per-group weights (e4m3 when scale_inv is given).
+    group_sizes: [E] int32, summing to M.
+    scale_inv: optional [E, ceil(N/128), ceil(K/128)] FP8 block scales.
+  Returns:
+    [M, N] in x.dtype (float32 accumulation).
+  """
+  if scale_inv is not None:
+    w = dequantize_blocks(w, scale_inv, x.dtype)
+  y = jax.lax.ragged_dot_general(x, w.astype(x.dtype), group_sizes, _RAGGED_DIMS,
+                                 preferred_element_type=jnp.float32)
+  return y.astype(x.dtype)
+
+
+class Experts(nnx.Module):
+  """E routed SwiGLU experts with stacked weights (checkpoint `mlp.experts.{e}.*` stacked on E):
+  gate_proj, up_proj [E, F, D]; down_proj [E, D, F]; FP8 adds `*_scale_inv` block scales."""
+
+  def __init__(self, num: int, dim: int, hidden: int, *, rngs: nnx.Rngs, std: float,
+               param_dtype=jnp.float32, fp8: bool = False):
+    self.num_experts = num
+    shapes = {"gate_proj": ((num, hidden, dim), ("expert", "mlp", "embed")),
+              "up_proj": ((num, hidden, dim), ("expert", "mlp", "embed")),
+              "down_proj": ((num, dim, hidden), ("expert", "embed", "mlp"))}
+    for name, (shape, axes) in shapes.items():
+      w = _normal(rngs, shape, std, jnp.float32)
+      if fp8:
+        q, s = quantize_blocks(w)
+        setattr(self, name, param(q, axes))
+        setattr(self, name + "_scale_inv", param(s, axes))
+      else:
+        setattr(self, name, param(w.astype(param_dtype), axes))
+        setattr(self, name + "_scale_inv", None)
+
+  def _mm(self, x, name, group_sizes):
+    scale = getattr(self, name + "_scale_inv")
+    return grouped_matmul(x, getattr(self, name)[...], group_sizes,
+                          None if scale is None else scale[...])
+
+  def __call__(self, x: jax.Array, routing: Routing) -> jax.Array:
+    """Dropless dispatch: every token reaches all of its K experts.
+
+    Args:
+      x: [M, D] tokens; routing: their top-K experts and weights.
+    Returns:
+      [M, D] = Σ_k weights[m, k] · E_{experts[m, k]}(x[m]).
+    """
+    m, k = routing.experts.shape
+    flat = routing.experts.reshape(-1)                     # [M·K] expert of each (token, slot)
+    order = jnp.argsort(flat, stable=True)                 # sort (token, slot) pairs by expert
+    group_sizes = jnp.bincount(flat, length=self.num_experts).astype(jnp.int32)
+    xs = jnp.take(x, order // k, axis=0)                   # [M·K, D] tokens in expert order
+    h = jax.nn.silu(self._mm(xs, "gate_proj", group_sizes)) * self._mm(xs, "up_proj", group_sizes)
+    ys = self._mm(h, "down_proj", group_sizes)             # [M·K, D]
+    y = jnp.zeros_like(ys).at[order].set(ys).reshape(m, k, -1)  # back to (token, slot) order
+    return jnp.einsum("mkd,mk->md", y.astype(jnp.float32), routing.weights).astype(x.dtype)
+
+
+class MoE(nnx.Module):
+  """Routed experts (weighted, scaled) + shared experts (unweighted). x: [B, T, D] → [B, T, D]."""
+
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, param_dtype=jnp.float32,
+               fp8: bool = False):
+    std = cfg.initializer_range
+    self.gate = Router(cfg, rngs=rngs, param_dtype=param_dtype)
+    self.experts = Experts(cfg.n_routed_experts, cfg.hidden_size, cfg.moe_intermediate_size,
+                           rngs=rngs, std=std, param_dtype=param_dtype, fp8=fp8)
+    self.shared_experts = (MLP(cfg.hidden_size, cfg.shared_intermediate_size, rngs=rngs, std=std,
+                               param_dtype=param_dtype, fp8=fp8)
+                           if cfg.n_shared_experts else None)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    shape = x.shape
+    xt = x.reshape(-1, shape[-1])
+    y = self.experts(xt, self.gate(xt))
+    if self.shared_experts is not None:
+      y = y + self.shared_experts(xt)
+    return y.reshape(shape)
+
+
+def dense_moe_reference(moe: MoE, x: jax.Array) -> jax.Array:
+  """Every expert on every token, combined with the router's top-K weights (zero elsewhere).
+  A slow, obviously-correct reference for the sorted dispatch. x: [M, D] → [M, D]."""
+  ex = moe.experts
+  routing = moe.gate(x)
+  dense_w = jnp.zeros((x.shape[0], ex.num_experts), jnp.float32).at[
+      jnp.arange(x.shape[0])[:, None], routing.experts].add(routing.weights)
+
+  def weight(name):
+    s = getattr(ex, name + "_scale_inv")
+    w = getattr(ex, name)[...]
+    return (dequantize_blocks(w, s[...], jnp.float32) if s is not None else w).astype(jnp.float32)
+
+  xf = x.astype(jnp.float32)
+  h = jax.nn.silu(jnp.einsum("md,efd->mef", xf, weight("gate_proj"))) * jnp.einsum(
+      "md,efd->mef", xf, weight("up_proj"))
+  y = jnp.einsum("mef,edf->med", h, weight("down_proj"))
+  out = jnp.einsum("med,me->md", y, dense_w)
+  if moe.shared_experts is not None:
+    out = out + moe.shared_experts(xf)
+  return out
