@@ -163,6 +163,9 @@ def read_hf_params(directory: str, cfg: ModelConfig, model_abstract: nnx.Module,
     reader.close()
 
 
+_WEIGHT_DTYPES = {np.dtype(t) for t in (np.float64, np.float32, np.float16, jnp.bfloat16)}
+
+
 def _validate(directory, expected, present, table):
   problems = []
   missing = sorted(set(expected) - set(present), key=_natural)
@@ -184,7 +187,7 @@ def _validate(directory, expected, present, table):
     elif scale_name(n) in present and table.get(n) and table[n].scale_path:
       ok = dt == jnp.float8_e4m3fn
     else:
-      ok = dt.kind == "f" and dt.itemsize >= 2
+      ok = dt in _WEIGHT_DTYPES
     if not ok:
       bad_dtype.append(f"{n} is {dt.name}")
   if bad_dtype:

@@ -265,7 +265,9 @@ class ModelConfig:
     d.update(num_key_value_heads=self.num_attention_heads, hidden_act="silu",
              tie_word_embeddings=False, attention_bias=False, moe_layer_freq=1)
     if self.rope_scaling is not None:
-      d["rope_scaling"] = {"type": "yarn", **dataclasses.asdict(self.rope_scaling)}
+      # both spellings: DeepSeek's files say "type", transformers says "rope_type"
+      d["rope_scaling"] = {"type": "yarn", "rope_type": "yarn",
+                           **dataclasses.asdict(self.rope_scaling)}
     else:
       d["rope_scaling"] = None
     if self.quantization is not None:

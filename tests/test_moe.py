@@ -1,0 +1,94 @@
+"""Router (group-limited top-k, bias-only selection, scaling) and the sorted MoE dispatch."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from conftest import fixture_path
+from dsv3_jax import load_config
+from dsv3_jax.moe import MoE, Router, dense_moe_reference, grouped_matmul
+
+
+def _router(**changes):
+  """A router over E = D = 8 with an identity gate, so its logits are the inputs themselves."""
+  cfg = load_config(fixture_path("tiny_v3")).replace(hidden_size=8, n_routed_experts=8, **changes)
+  r = Router(cfg, rngs=nnx.Rngs(0))
+  r.weight[...] = jnp.eye(8)
+  return r, cfg
+
+
+def _logit(p):
+  p = np.asarray(p, np.float64)
+  return jnp.asarray(np.log(p / (1 - p)), jnp.float32)
+
+
+def test_bias_selects_but_does_not_weight():
+  r, cfg = _router(n_group=1, topk_group=1, num_experts_per_tok=2, norm_topk_prob=True,
+                   routed_scaling_factor=2.5)
+  s = [0.9, 0.8, 0.7, 0.1, 0.2, 0.3, 0.4, 0.5]
+  r.e_score_correction_bias[...] = jnp.array([0, 0, 0, 0.95, 0, 0, 0, 0], jnp.float32)
+  out = r(_logit(s)[None])
+  assert sorted(np.asarray(out.experts[0]).tolist()) == [0, 3]  # expert 3 only through the bias
+  w = dict(zip(np.asarray(out.experts[0]).tolist(), np.asarray(out.weights[0]).tolist()))
+  np.testing.assert_allclose([w[0], w[3]], [2.5 * 0.9 / 1.0, 2.5 * 0.1 / 1.0], rtol=1e-6)
+  np.testing.assert_allclose(np.asarray(out.scores[0]), s, rtol=1e-6)
+
+
+def test_group_limited_routing_top2_sum():
+  # 4 groups of 2. Expert 6 is the single best, but its group {6, 7} has the lowest top-2 sum.
+  r, cfg = _router(n_group=4, topk_group=2, num_experts_per_tok=3, norm_topk_prob=False,
+                   routed_scaling_factor=1.0)
+  s = [0.60, 0.55, 0.50, 0.45, 0.52, 0.50, 0.95, 0.01]
+  # group sums: 1.15, 0.95, 1.02, 0.96 → groups 0 and 2 kept → experts {0, 1, 4}
+  out = r(_logit(s)[None])
+  assert sorted(np.asarray(out.experts[0]).tolist()) == [0, 1, 4]
+  np.testing.assert_allclose(np.sort(np.asarray(out.weights[0])), [0.52, 0.55, 0.60], rtol=1e-6)
+  # groups are scored on biased scores: lifting expert 7 makes group 3 the best (1.66), so
+  # groups 3 and 0 are kept; 7 (biased 0.71) beats 1; its weight stays its unbiased score
+  r.e_score_correction_bias[...] = jnp.array([0, 0, 0, 0, 0, 0, 0, 0.7], jnp.float32)
+  out = r(_logit(s)[None])
+  assert sorted(np.asarray(out.experts[0]).tolist()) == [0, 6, 7]
+  np.testing.assert_allclose(np.sort(np.asarray(out.weights[0])), [0.01, 0.60, 0.95], rtol=1e-5)
+
+
+def test_group_limited_routing_softmax_max_v2():
+  r, cfg = _router(model_type="deepseek_v2", topk_method="group_limited_greedy",
+                   scoring_func="softmax", n_group=4, topk_group=1, num_experts_per_tok=2,
+                   norm_topk_prob=False, routed_scaling_factor=16.0)
+  assert r.e_score_correction_bias is None
+  logits = jnp.array([[1.0, 0.9, 2.0, -3.0, 0.1, 0.2, 0.3, 0.4]])
+  out = r(logits)
+  p = np.asarray(jax.nn.softmax(logits[0]))
+  assert sorted(np.asarray(out.experts[0]).tolist()) == [2, 3]  # group {2,3} has the max
+  np.testing.assert_allclose(np.sort(np.asarray(out.weights[0])), np.sort(16.0 * p[[2, 3]]),
+                             rtol=1e-6)
+
+
+@pytest.mark.parametrize("fp8", [False, True])
+def test_sorted_dispatch_equals_dense_reference(fp8):
+  cfg = load_config(fixture_path("tiny_v3")).replace(n_routed_experts=16, n_group=4,
+                                                     num_experts_per_tok=4, initializer_range=0.2)
+  moe = MoE(cfg, rngs=nnx.Rngs(5), fp8=fp8)
+  moe.gate.e_score_correction_bias[...] = jax.random.normal(jax.random.key(2), (16,)) * 0.3
+  x = jax.random.normal(jax.random.key(1), (3, 11, cfg.hidden_size))
+  got = moe(x)
+  want = dense_moe_reference(moe, x.reshape(-1, cfg.hidden_size)).reshape(x.shape)
+  np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
+  assert np.abs(np.asarray(want)).max() > 0.1
+  # some experts receive no token at all: the grouped matmul must handle empty groups
+  counts = np.bincount(np.asarray(moe.gate(x.reshape(-1, cfg.hidden_size)).experts).ravel(),
+                       minlength=16)
+  assert counts.sum() == 33 * 4
+
+
+def test_grouped_matmul_with_empty_groups():
+  rng = np.random.default_rng(0)
+  sizes = np.array([3, 0, 5, 0, 2], np.int32)
+  x = rng.standard_normal((10, 6)).astype(np.float32)
+  w = rng.standard_normal((5, 4, 6)).astype(np.float32)
+  got = np.asarray(grouped_matmul(jnp.asarray(x), jnp.asarray(w), jnp.asarray(sizes)))
+  owner = np.repeat(np.arange(5), sizes)
+  want = np.einsum("mk,mnk->mn", x, w[owner])
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
