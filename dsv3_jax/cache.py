@@ -26,15 +26,22 @@ class LayerCache:
   c_kv: jax.Array
   k_pe: jax.Array
 
-  def write(self, c_kv: jax.Array, k_pe: jax.Array, start: jax.Array) -> "LayerCache":
-    """Writes T new tokens per row at positions start[b] .. start[b]+T-1.
+  def write(self, c_kv: jax.Array, k_pe: jax.Array, positions: jax.Array,
+            layer: jax.Array | None = None) -> "LayerCache":
+    """Scatters T new tokens per row into their slots (in place inside a scan or a jit).
 
     Args:
-      c_kv: [B, T, C]; k_pe: [B, T, R]; start: [B] int32.
+      c_kv: [B, T, C]; k_pe: [B, T, R]; positions: [B, T] slot of each token.
+      layer: index into a stacked [L, ...] cache, or None for a single layer's cache.
     """
-    put = jax.vmap(lambda buf, new, s: jax.lax.dynamic_update_slice_in_dim(buf, new, s, axis=0))
-    return LayerCache(put(self.c_kv, c_kv.astype(self.c_kv.dtype), start),
-                      put(self.k_pe, k_pe.astype(self.k_pe.dtype), start))
+    rows = jnp.broadcast_to(jnp.arange(positions.shape[0])[:, None], positions.shape)
+    idx = (rows, positions) if layer is None else (layer, rows, positions)
+    return LayerCache(self.c_kv.at[idx].set(c_kv.astype(self.c_kv.dtype)),
+                      self.k_pe.at[idx].set(k_pe.astype(self.k_pe.dtype)))
+
+  def layer(self, i: jax.Array | None) -> "LayerCache":
+    """One layer's view [B, S, *] of a stacked cache (the cache itself when i is None)."""
+    return self if i is None else LayerCache(self.c_kv[i], self.k_pe[i])
 
   @property
   def max_len(self) -> int:

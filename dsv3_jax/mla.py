@@ -57,16 +57,18 @@ class MLA(nnx.Module):
     return apply_rope(x, positions, self.inv_freq, self.rope_factor)
 
   def __call__(self, x: jax.Array, positions: jax.Array, cache: LayerCache | None = None,
-               mode: AttnMode = "full") -> tuple[jax.Array, LayerCache | None]:
+               mode: AttnMode = "full", layer: jax.Array | None = None
+               ) -> tuple[jax.Array, LayerCache | None]:
     """Causal self-attention.
 
     Args:
       x: [B, T, D] activations.
-      positions: [B, T] absolute positions, contiguous per row.
-      cache: this layer's cache or None. When given, the T new tokens' latents are written at
-        positions[:, 0] onwards.
+      positions: [B, T] absolute positions (also the cache slots written).
+      cache: the cache or None. When given, the T new tokens' latents are written at their
+        positions (slots of other rows and positions are untouched).
       mode: "full" attends among the T tokens themselves (training; a prefill from position 0);
         "absorbed" attends over the whole cache (decode), or over the T tokens if no cache.
+      layer: the index of this layer in a stacked cache (None: `cache` is this layer's own).
     Returns:
       ([B, T, D], the updated cache or None).
     """
@@ -84,12 +86,13 @@ class MLA(nnx.Module):
     k_pe = self._rope(kv[..., self.kv_lora_rank:], positions)  # one head, shared by all heads
 
     if cache is not None:
-      cache = cache.write(c_kv, k_pe, positions[:, 0])
+      cache = cache.write(c_kv, k_pe, positions, layer)
     if mode == "absorbed":
       if cache is not None:
-        c_keys, pe_keys = cache.c_kv.astype(x.dtype), cache.k_pe.astype(x.dtype)
-        key_pos = jnp.broadcast_to(jnp.arange(cache.max_len, dtype=positions.dtype),
-                                   (b, cache.max_len))
+        view = cache.layer(layer)
+        c_keys, pe_keys = view.c_kv.astype(x.dtype), view.k_pe.astype(x.dtype)
+        key_pos = jnp.broadcast_to(jnp.arange(view.max_len, dtype=positions.dtype),
+                                   (b, view.max_len))
       else:
         c_keys, pe_keys, key_pos = c_kv, k_pe, positions
       out = self._absorbed(q_nope, q_pe, c_keys, pe_keys, positions, key_pos)

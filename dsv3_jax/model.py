@@ -33,8 +33,9 @@ class DecoderLayer(nnx.Module):
     self.mlp = (MoE(cfg, **kw) if moe else
                 MLP(cfg.hidden_size, cfg.intermediate_size, std=cfg.initializer_range, **kw))
 
-  def __call__(self, x, positions, cache: LayerCache | None = None, mode: AttnMode = "full"):
-    h, cache = self.self_attn(self.input_layernorm(x), positions, cache, mode)
+  def __call__(self, x, positions, cache: LayerCache | None = None, mode: AttnMode = "full",
+               layer=None):
+    h, cache = self.self_attn(self.input_layernorm(x), positions, cache, mode, layer)
     x = x + h
     return x + self.mlp(self.post_attention_layernorm(x)), cache
 
@@ -55,18 +56,25 @@ def _stack(n: int, make: Callable[[nnx.Rngs], nnx.Module], rngs: nnx.Rngs) -> nn
 def scan_layers(layers: nnx.Module, x, positions, cache: LayerCache | None, mode: AttnMode):
   """Applies a stacked group of DecoderLayers with lax.scan over its leading axis.
 
+  The stacked cache rides in the scan carry and each layer scatters only its new tokens into
+  it, so a decode step never copies the cache.
+
   Args:
     layers: a module built by _stack; cache: LayerCache with a leading [L] axis, or None.
   Returns:
     (x [B, T, D], the updated stacked cache or None).
   """
   graphdef, state = nnx.split(layers)
+  n = jax.tree.leaves(state)[0].shape[0]
 
-  def body(h, inputs):
-    layer_state, layer_cache = inputs
-    return nnx.merge(graphdef, layer_state)(h, positions, layer_cache, mode)
+  def body(carry, inputs):
+    h, c = carry
+    layer_state, i = inputs
+    h, c = nnx.merge(graphdef, layer_state)(h, positions, c, mode, None if c is None else i)
+    return (h, c), None
 
-  return jax.lax.scan(body, x, (state, cache))
+  (x, cache), _ = jax.lax.scan(body, (x, cache), (state, jnp.arange(n)))
+  return x, cache
 
 
 class MTPLayer(nnx.Module):
