@@ -178,7 +178,11 @@ class Transformer(nnx.Module):
     if positions is None:
       positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
     out = []
+    b, t = tokens.shape
     for k, layer in enumerate(self.mtp, start=1):
+      if t <= k:  # nothing to predict that far ahead
+        out.append(jnp.zeros((b, 0, self.cfg.vocab_size), jnp.float32))
+        continue
       h, _ = layer(h[:, :-1], self.embed(tokens[:, k:]), positions[:, :-k])
       out.append(self.head(layer.shared_head_norm(h)))
     return out

@@ -1,0 +1,277 @@
+"""Batched generation over the compressed MLA cache, with optional MTP speculative decoding.
+
+Prompts of different lengths share one right-padded batch: row b's prompt fills cache slots
+0..len_b-1, its first generated token lands at slot len_b, and attention masks every slot after
+a query's own position, so padding is never seen. Prefill lengths are bucketed (powers of two)
+and decoding runs `chunk` steps per jitted call (a lax.scan), so nothing recompiles per prompt
+and the host syncs once per chunk.
+
+MTP speculative decoding (`mtp=True`): each step the main model verifies [cur, draft] at
+positions [P, P+1]. The token a at P+1 is sampled from the main model; if a equals the draft,
+the token b sampled at P+2 is kept too. Sampling first and comparing afterwards keeps the output
+distribution exactly that of plain decoding (greedy output is identical). The MTP module then
+drafts the next token from (h_P, a) or (h_{P+1}, b).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+import time
+from typing import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from dsv3_jax.cache import Cache, init_cache
+from dsv3_jax.sampling import SamplingParams, sample
+
+log = logging.getLogger(__name__)
+
+
+def _bucket(n: int, minimum: int = 16) -> int:
+  return max(minimum, 1 << (max(n, 1) - 1).bit_length())
+
+
+def _rows(x):
+  return jnp.arange(x.shape[0])
+
+
+# ---- pure, jitted steps (graphdef and sampling settings are static) ---------------------------
+@functools.partial(jax.jit, static_argnames=("graphdef", "sampling", "mtp"),
+                   donate_argnames=("cache",))
+def _prefill(graphdef, params, tokens, lengths, cache: Cache, key, *, sampling, mtp):
+  """tokens [B, P] right-padded, lengths [B]. Returns (first token [B], draft [B], cache)."""
+  model = nnx.merge(graphdef, params)
+  positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
+  h, cache = model.hidden(tokens, positions, cache, mode="full")
+  last = lengths - 1
+  first = sample(model.head(h[_rows(h), last]), key, sampling)
+  draft = first
+  if mtp:
+    # MTP inputs at position i: (h_i, Emb(t_{i+1})); the token after the prompt is `first`.
+    nxt = jnp.concatenate([tokens[:, 1:], tokens[:, :1]], axis=1).at[_rows(h), last].set(first)
+    layer = model.mtp[0]
+    m, c = layer(h, model.embed(nxt), positions, cache.mtp[0], mode="full")
+    cache = dataclasses.replace(cache, mtp=(c,) + cache.mtp[1:])
+    draft = jnp.argmax(model.head(layer.shared_head_norm(m[_rows(m), last])), -1).astype(jnp.int32)
+  return first, draft, cache
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "sampling", "steps"),
+                   donate_argnames=("cache",))
+def _decode(graphdef, params, cur, pos, cache: Cache, key, *, sampling, steps):
+  """`steps` plain decode steps. cur [B] is the pending token at positions pos [B].
+  Returns (tokens [B, steps], cur, pos, cache)."""
+  model = nnx.merge(graphdef, params)
+  limit = cache.max_len - 1
+
+  def step(carry, k):
+    cur, pos, cache = carry
+    h, cache = model.hidden(cur[:, None], pos[:, None], cache, mode="absorbed")
+    nxt = sample(model.head(h[:, 0]), k, sampling)
+    return (nxt, jnp.minimum(pos + 1, limit), cache), nxt
+
+  (cur, pos, cache), toks = jax.lax.scan(step, (cur, pos, cache), jax.random.split(key, steps))
+  return toks.T, cur, pos, cache
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "sampling", "steps"),
+                   donate_argnames=("cache",))
+def _decode_mtp(graphdef, params, cur, draft, pos, cache: Cache, key, *, sampling, steps):
+  """`steps` speculative steps. Returns (a [B, steps], b [B, steps], accepted [B, steps],
+  cur, draft, pos, cache): each step emits a, then b where accepted."""
+  model = nnx.merge(graphdef, params)
+  layer = model.mtp[0]
+  limit = cache.max_len - 2
+
+  def step(carry, k):
+    cur, draft, pos, cache = carry
+    toks = jnp.stack([cur, draft], axis=1)
+    p2 = pos[:, None] + jnp.arange(2, dtype=pos.dtype)
+    h, cache = model.hidden(toks, p2, cache, mode="absorbed")
+    logits = model.head(h)
+    ka, kb = jax.random.split(k)
+    a, b = sample(logits[:, 0], ka, sampling), sample(logits[:, 1], kb, sampling)
+    acc = a == draft
+    m, c = layer(h, model.embed(jnp.stack([a, b], axis=1)), p2, cache.mtp[0], mode="absorbed")
+    cache = dataclasses.replace(cache, mtp=(c,) + cache.mtp[1:])
+    m_next = jnp.argmax(model.head(layer.shared_head_norm(m)), -1).astype(jnp.int32)
+    new_draft = jnp.where(acc, m_next[:, 1], m_next[:, 0])
+    new_pos = jnp.minimum(pos + 1 + acc.astype(pos.dtype), limit)
+    return (jnp.where(acc, b, a), new_draft, new_pos, cache), (a, b, acc)
+
+  (cur, draft, pos, cache), (a, b, acc) = jax.lax.scan(
+      step, (cur, draft, pos, cache), jax.random.split(key, steps))
+  return a.T, b.T, acc.T, cur, draft, pos, cache
+
+
+# ---- host-side engine ----------------------------------------------------------------------------
+@dataclasses.dataclass
+class Completion:
+  prompt_ids: list[int]
+  output_ids: list[int]
+  finish_reason: str = "length"  # "eos", "stop" or "length"
+
+
+@dataclasses.dataclass
+class Stats:
+  batch: int = 0
+  prompt_tokens: int = 0
+  generated_tokens: int = 0
+  time_to_first_token_s: float = 0.0
+  decode_time_s: float = 0.0
+  mtp_steps: int = 0
+  mtp_accepted: int = 0
+
+  @property
+  def prefill_tok_s(self) -> float:
+    return self.prompt_tokens / self.time_to_first_token_s if self.time_to_first_token_s else 0.0
+
+  @property
+  def decode_tok_s(self) -> float:
+    """Generated tokens per second after the first, all rows together."""
+    n = self.generated_tokens - self.batch
+    return n / self.decode_time_s if self.decode_time_s and n > 0 else 0.0
+
+  @property
+  def acceptance_rate(self) -> float:
+    return self.mtp_accepted / self.mtp_steps if self.mtp_steps else 0.0
+
+  def as_dict(self) -> dict:
+    d = dataclasses.asdict(self)
+    d.update(prefill_tok_s=self.prefill_tok_s, decode_tok_s=self.decode_tok_s)
+    if self.mtp_steps:
+      d["mtp_acceptance_rate"] = self.acceptance_rate
+    return d
+
+
+class Engine:
+  """Holds the split model and generates for batches of token-id prompts.
+
+  Args:
+    model: a Transformer.
+    mtp: draft with the model's first MTP module (needs num_nextn_predict_layers ≥ 1).
+    chunk: decode steps per jitted call (one host sync per chunk).
+    cache_dtype: dtype of the compressed cache (default: the model's compute dtype).
+  """
+
+  def __init__(self, model, *, mtp: bool = False, chunk: int = 8, cache_dtype=None):
+    if mtp and not len(model.mtp):
+      raise ValueError("--mtp needs a model with an MTP module (num_nextn_predict_layers ≥ 1); "
+                       "this checkpoint has none")
+    self.cfg = model.cfg
+    self.graphdef, self.params = nnx.split(model)
+    self.mtp = mtp
+    self.chunk = chunk
+    self.cache_dtype = cache_dtype or model.dtype
+
+  def plan_cache_len(self, longest_prompt: int, max_new_tokens: int) -> int:
+    """Cache slots needed: the prompt bucket, the new tokens and a speculative margin."""
+    need = max(_bucket(longest_prompt), longest_prompt + max_new_tokens + 2)
+    return -(-need // 64) * 64
+
+  def generate(self, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
+               sampling: SamplingParams = SamplingParams(), eos_ids: Sequence[int] = (),
+               seed: int = 0, max_len: int | None = None,
+               should_stop: Callable[[int, list[int]], bool] | None = None,
+               on_tokens: Callable[[int, list[int]], None] | None = None,
+               ) -> tuple[list[Completion], Stats]:
+    """Generates up to max_new_tokens per prompt; rows finish independently.
+
+    Args:
+      prompts: token-id lists (each non-empty).
+      eos_ids: tokens that end a row (kept in its output).
+      max_len: cache length; default: just enough for the longest prompt plus the new tokens.
+      should_stop(row, output_ids): True ends the row (e.g. a stop string appeared).
+      on_tokens(row, new_ids): called as tokens arrive (streaming).
+    """
+    if not prompts:
+      raise ValueError("no prompts given")
+    for i, p in enumerate(prompts):
+      if len(p) == 0:
+        raise ValueError(f"prompt {i} is empty: give at least one token")
+    if max_new_tokens < 1:
+      raise ValueError(f"{max_new_tokens=} must be >= 1")
+    lengths = [len(p) for p in prompts]
+    longest = max(lengths)
+    needed = longest + max_new_tokens + 2
+    cache_len = max_len or self.plan_cache_len(longest, max_new_tokens)
+    if needed > cache_len:
+      raise ValueError(f"the longest prompt has {longest} tokens; with max_new_tokens="
+                       f"{max_new_tokens} it needs {needed} cache slots, but the cache holds "
+                       f"{cache_len}: shorten the prompt, lower --max-new-tokens or raise --max-len")
+    if longest + max_new_tokens > self.cfg.max_position_embeddings:
+      raise ValueError(f"prompt ({longest} tokens) + max_new_tokens ({max_new_tokens}) exceeds "
+                       f"the model's max_position_embeddings={self.cfg.max_position_embeddings}")
+    batch = len(prompts)
+    width = min(_bucket(longest), cache_len)
+    tokens = np.zeros((batch, width), np.int32)
+    for i, p in enumerate(prompts):
+      tokens[i, :len(p)] = p
+    stats = Stats(batch=batch, prompt_tokens=sum(lengths))
+    out = [Completion(list(map(int, p)), []) for p in prompts]
+    done = [False] * batch
+    eos = set(int(e) for e in eos_ids)
+
+    def accept(row: int, new: list[int]):
+      if done[row]:
+        return
+      kept = []
+      for t in new:
+        kept.append(t)
+        out[row].output_ids.append(t)
+        if t in eos:
+          done[row], out[row].finish_reason = True, "eos"
+        elif should_stop is not None and should_stop(row, out[row].output_ids):
+          done[row], out[row].finish_reason = True, "stop"
+        elif len(out[row].output_ids) >= max_new_tokens:
+          done[row], out[row].finish_reason = True, "length"
+        if done[row]:
+          break
+      if kept and on_tokens is not None:
+        on_tokens(row, kept)
+
+    key = jax.random.key(seed)
+    cache = init_cache(self.cfg, batch, cache_len, self.cache_dtype, with_mtp=self.mtp)
+    t0 = time.perf_counter()
+    key, k = jax.random.split(key)
+    first, draft, cache = _prefill(self.graphdef, self.params, jnp.asarray(tokens),
+                                   jnp.asarray(lengths, jnp.int32), cache, k,
+                                   sampling=sampling, mtp=self.mtp)
+    first_host = np.asarray(first)
+    stats.time_to_first_token_s = time.perf_counter() - t0
+    for i in range(batch):
+      accept(i, [int(first_host[i])])
+    cur, pos = first, jnp.asarray(lengths, jnp.int32)
+    t1 = time.perf_counter()
+    while not all(done):
+      key, k = jax.random.split(key)
+      if self.mtp:
+        a, b, acc, cur, draft, pos, cache = _decode_mtp(
+            self.graphdef, self.params, cur, draft, pos, cache, k, sampling=sampling,
+            steps=self.chunk)
+        a, b, acc = np.asarray(a), np.asarray(b), np.asarray(acc)
+        for i in range(batch):
+          if done[i]:
+            continue
+          new = []
+          for j in range(self.chunk):
+            new += [int(a[i, j]), int(b[i, j])] if acc[i, j] else [int(a[i, j])]
+            stats.mtp_steps += 1
+            stats.mtp_accepted += int(acc[i, j])
+            if len(out[i].output_ids) + len(new) >= max_new_tokens:
+              break
+          accept(i, new)
+      else:
+        toks, cur, pos, cache = _decode(self.graphdef, self.params, cur, pos, cache, k,
+                                        sampling=sampling, steps=self.chunk)
+        toks = np.asarray(toks)
+        for i in range(batch):
+          accept(i, [int(t) for t in toks[i]])
+    stats.decode_time_s = time.perf_counter() - t1
+    stats.generated_tokens = sum(len(c.output_ids) for c in out)
+    return out, stats

@@ -1,0 +1,141 @@
+"""Generation: greedy == repeated full forwards, batches, mixed lengths, EOS, MTP, sampling."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from conftest import fixture_path
+from dsv3_jax import core, from_hf_pretrained
+from dsv3_jax.generate import Engine
+from dsv3_jax.sampling import SamplingParams, sample
+
+PROMPTS = [[5, 17, 99, 3], [7, 8, 9, 10, 11, 12, 13, 14, 15, 200, 1], [42]]
+
+
+@pytest.fixture(scope="module")
+def model():
+  return from_hf_pretrained(fixture_path("tiny_v3"), jnp.float32)
+
+
+def greedy_by_full_forwards(model, prompt, n):
+  graphdef, params = core.split(model)
+  seq = list(prompt)
+  for _ in range(n):
+    logits, _ = core.forward(graphdef, params, jnp.asarray([seq]))
+    seq.append(int(jnp.argmax(logits[0, -1])))
+  return seq[len(prompt):]
+
+
+def test_greedy_equals_repeated_full_forwards_mixed_lengths(model):
+  outs, stats = Engine(model, chunk=4).generate(PROMPTS, max_new_tokens=9)
+  for p, o in zip(PROMPTS, outs):
+    assert o.output_ids == greedy_by_full_forwards(model, p, 9)
+    assert o.finish_reason == "length"
+  assert stats.generated_tokens == 27 and stats.decode_tok_s > 0
+
+
+def test_batch_equals_rows_one_by_one(model):
+  engine = Engine(model, chunk=3)
+  batch, _ = engine.generate(PROMPTS, max_new_tokens=7)
+  for p, b in zip(PROMPTS, batch):
+    alone, _ = engine.generate([p], max_new_tokens=7)
+    assert alone[0].output_ids == b.output_ids
+
+
+def test_rows_finish_independently_at_eos(model):
+  engine = Engine(model, chunk=4)
+  ref, _ = engine.generate(PROMPTS[:2], max_new_tokens=10)
+  eos = ref[0].output_ids[2]
+  assert eos not in ref[0].output_ids[:2]
+  outs, _ = engine.generate(PROMPTS[:2], max_new_tokens=10, eos_ids=[eos])
+  assert outs[0].output_ids == ref[0].output_ids[:3] and outs[0].finish_reason == "eos"
+  cut = ref[1].output_ids.index(eos) + 1 if eos in ref[1].output_ids else 10
+  assert outs[1].output_ids == ref[1].output_ids[:cut]
+
+
+def test_stop_callback_and_streaming(model):
+  seen = {0: [], 1: []}
+  outs, _ = Engine(model, chunk=2).generate(
+      PROMPTS[:2], max_new_tokens=8, should_stop=lambda row, ids: row == 1 and len(ids) == 3,
+      on_tokens=lambda row, new: seen[row].extend(new))
+  assert len(outs[1].output_ids) == 3 and outs[1].finish_reason == "stop"
+  assert seen[0] == outs[0].output_ids and seen[1] == outs[1].output_ids
+
+
+def bigram_mtp_model(model):
+  """Weakens attention/MLP outputs and makes the MTP module a copy of the model's bigram part,
+  so that its drafts are often (not always) right: exercises accept and reject paths."""
+  for stack in (model.dense_layers, model.moe_layers):
+    stack.self_attn.o_proj.weight[...] *= 0.3
+    mlp = stack.mlp
+    if hasattr(mlp, "experts"):
+      mlp.experts.down_proj[...] *= 0.3
+      mlp.shared_experts.down_proj.weight[...] *= 0.3
+    else:
+      mlp.down_proj.weight[...] *= 0.3
+  mtp = model.mtp[0]
+  d = model.cfg.hidden_size
+  mtp.eh_proj.weight[...] = jnp.concatenate([jnp.eye(d), jnp.zeros((d, d))], axis=1)
+  mtp.block.self_attn.o_proj.weight[...] *= 0
+  mtp.block.mlp.experts.down_proj[...] *= 0
+  mtp.block.mlp.shared_experts.down_proj.weight[...] *= 0
+  for norm in (mtp.enorm, mtp.shared_head_norm):
+    norm.weight[...] = model.norm.weight[...]
+  return model
+
+
+def test_mtp_greedy_equals_plain_greedy(model):
+  plain, _ = Engine(model, chunk=4).generate(PROMPTS, max_new_tokens=12)
+  spec, stats = Engine(model, chunk=3, mtp=True).generate(PROMPTS, max_new_tokens=12)
+  assert [o.output_ids for o in spec] == [o.output_ids for o in plain]
+  tuned = bigram_mtp_model(from_hf_pretrained(fixture_path("tiny_v3"), jnp.float32))
+  plain, _ = Engine(tuned, chunk=4).generate(PROMPTS, max_new_tokens=16)
+  spec, stats = Engine(tuned, chunk=3, mtp=True).generate(PROMPTS, max_new_tokens=16)
+  assert [o.output_ids for o in spec] == [o.output_ids for o in plain]
+  assert 0.2 < stats.acceptance_rate < 1.0, stats.acceptance_rate  # both paths taken
+  assert stats.mtp_steps < sum(len(o.output_ids) for o in spec)   # fewer steps than tokens
+
+
+def test_sampling_is_reproducible_and_respects_top_k(model):
+  engine = Engine(model, chunk=4)
+  params = SamplingParams(temperature=1.0, top_k=5, top_p=0.9)
+  a, _ = engine.generate(PROMPTS, max_new_tokens=6, sampling=params, seed=1)
+  b, _ = engine.generate(PROMPTS, max_new_tokens=6, sampling=params, seed=1)
+  c, _ = engine.generate(PROMPTS, max_new_tokens=6, sampling=params, seed=2)
+  assert [o.output_ids for o in a] == [o.output_ids for o in b]
+  assert [o.output_ids for o in a] != [o.output_ids for o in c]
+  greedy, _ = engine.generate(PROMPTS, max_new_tokens=6)
+  top1, _ = engine.generate(PROMPTS, max_new_tokens=6, seed=3,
+                            sampling=SamplingParams(temperature=1.0, top_k=1))
+  assert [o.output_ids for o in top1] == [o.output_ids for o in greedy]
+
+
+def test_sample_distribution():
+  logits = jnp.log(jnp.array([[0.5, 0.25, 0.15, 0.07, 0.03]]))
+  keys = jax.random.split(jax.random.key(0), 20000)
+  draws = np.asarray(jax.vmap(lambda k: sample(logits, k, SamplingParams(temperature=1.0)))(keys))
+  freq = np.bincount(draws.ravel(), minlength=5) / draws.size
+  np.testing.assert_allclose(freq, [0.5, 0.25, 0.15, 0.07, 0.03], atol=0.015)
+  # top_p = 0.7 keeps {0, 1} (mass 0.75 reached at the second token): renormalised 2/3, 1/3
+  draws = np.asarray(jax.vmap(lambda k: sample(logits, k, SamplingParams(temperature=1.0,
+                                                                         top_p=0.7)))(keys))
+  freq = np.bincount(draws.ravel(), minlength=5) / draws.size
+  np.testing.assert_allclose(freq, [2 / 3, 1 / 3, 0, 0, 0], atol=0.015)
+  # temperature 0.5 squares the probabilities (renormalised)
+  p2 = np.array([0.5, 0.25, 0.15, 0.07, 0.03]) ** 2
+  draws = np.asarray(jax.vmap(lambda k: sample(logits, k, SamplingParams(temperature=0.5)))(keys))
+  np.testing.assert_allclose(np.bincount(draws.ravel(), minlength=5) / draws.size,
+                             p2 / p2.sum(), atol=0.015)
+
+
+def test_bad_requests(model):
+  engine = Engine(model)
+  with pytest.raises(ValueError, match="prompt 1 is empty"):
+    engine.generate([[1, 2], []], max_new_tokens=4)
+  with pytest.raises(ValueError, match="needs 36 cache slots, but the cache holds 16"):
+    engine.generate([list(range(30))], max_new_tokens=4, max_len=16)
+  with pytest.raises(ValueError, match="max_position_embeddings=256"):
+    engine.generate([list(range(200))], max_new_tokens=100)
+  with pytest.raises(ValueError, match="temperature"):
+    SamplingParams(temperature=-1)
