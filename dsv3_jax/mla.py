@@ -124,7 +124,12 @@ class MLA(nnx.Module):
                                                     self.kv_lora_rank)
     w_uk, w_uv = w[:, :self.nope_dim], w[:, self.nope_dim:]  # [N, H, C], [N, V, C]
     f32 = jnp.float32
-    q_lat = jnp.einsum("btnh,nhc->btnc", q_nope, w_uk, preferred_element_type=f32).astype(dtype)
+    # heads-major batched product [N, B·T, H] x [N, H, C] (the btnh,nhc einsum hits an
+    # unimplemented bf16 -> f32 dot on XLA:CPU)
+    b, t, n, h = q_nope.shape
+    q_lat = jnp.einsum("nmh,nhc->nmc", jnp.moveaxis(q_nope.reshape(b * t, n, h), 1, 0), w_uk,
+                       preferred_element_type=f32)
+    q_lat = jnp.moveaxis(q_lat, 0, 1).reshape(b, t, n, -1).astype(dtype)
     scores = (jnp.einsum("btnc,bsc->btns", q_lat, c_kv, preferred_element_type=f32)
               + jnp.einsum("btnr,bsr->btns", q_pe, k_pe, preferred_element_type=f32))
     p = self._softmax(scores, q_pos, k_pos, dtype)

@@ -1,0 +1,80 @@
+"""Times ways to apply the routed experts of one MoE layer (bf16), at decode and prefill sizes.
+
+Variants: `ragged` (sort by expert + jax.lax.ragged_dot, the model's dispatch), `gather`
+(gather each row's expert weights and contract; reads only the chosen experts), `dense`
+(every expert on every row, then the top-k weights: the all-experts product).
+
+  python benchmarks/moe_dispatch.py [--config configs/deepseek_v2_lite_16b.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from dsv3_jax import load_config  # noqa: E402
+from dsv3_jax.moe import grouped_matmul  # noqa: E402
+
+
+def bench(f, *args, iters=20):
+  out = f(*args)
+  jax.block_until_ready(out)
+  t0 = time.perf_counter()
+  for _ in range(iters):
+    out = f(*args)
+  jax.block_until_ready(out)
+  return (time.perf_counter() - t0) / iters
+
+
+def main():
+  ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  ap.add_argument("--config", default="configs/deepseek_v2_lite_16b.json")
+  args = ap.parse_args()
+  cfg = load_config(args.config)
+  e, k, d, f = cfg.n_routed_experts, cfg.num_experts_per_tok, cfg.hidden_size, cfg.moe_intermediate_size
+  key = jax.random.key(0)
+  wg = (jax.random.normal(key, (e, f, d), jnp.float32) * 0.02).astype(jnp.bfloat16)
+  wd = (jax.random.normal(key, (e, d, f), jnp.float32) * 0.02).astype(jnp.bfloat16)
+
+  @jax.jit
+  def ragged(x, idx):
+    flat = idx.reshape(-1)
+    order = jnp.argsort(flat)
+    sizes = jnp.bincount(flat, length=e).astype(jnp.int32)
+    xs = x[order // k]
+    h = jax.nn.silu(grouped_matmul(xs, wg, sizes))
+    return grouped_matmul(h, wd, sizes)
+
+  @jax.jit
+  def gather(x, idx):
+    h = jax.nn.silu(jnp.einsum("md,mkfd->mkf", x, wg[idx]))
+    return jnp.einsum("mkf,mkdf->mkd", h, wd[idx])
+
+  @jax.jit
+  def dense(x, idx):
+    h = jax.nn.silu(jnp.einsum("md,efd->mef", x, wg))
+    return jnp.einsum("mef,edf->med", h, wd)
+
+  print(f"{jax.devices()[0].device_kind}; E={e} K={k} D={d} F={f}; two of the three expert "
+        "matrices (gate, down) per variant")
+  print(f"{'tokens':>7} {'variant':>8} {'time us':>9} {'GB/s (chosen experts)':>22}")
+  for m in (1, 8, 32, 512, 4096):
+    x = jax.random.normal(key, (m, d), jnp.bfloat16)
+    idx = jax.random.randint(jax.random.key(m), (m, k), 0, e)
+    unique = len(set(idx.reshape(-1).tolist()))
+    need = unique * 2 * f * d * 2
+    for name, fn in (("ragged", ragged), ("gather", gather), ("dense", dense)):
+      if name == "dense" and m > 512:
+        continue
+      t = bench(fn, x, idx)
+      print(f"{m:>7} {name:>8} {t * 1e6:>9.1f} {need / t / 1e9:>22.0f}")
+
+
+if __name__ == "__main__":
+  main()
