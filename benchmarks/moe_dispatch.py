@@ -1,7 +1,8 @@
 """Times ways to apply the routed experts of one MoE layer (bf16), at decode and prefill sizes.
 
-Variants: `ragged` (sort by expert + jax.lax.ragged_dot, the model's dispatch), `gather`
-(gather each row's expert weights and contract; reads only the chosen experts), `dense`
+Variants: `ragged` (sort by expert + jax.lax.ragged_dot, the model's dispatch for many rows),
+`gather` (gather each row's expert weights, then a batched dot), `fused` (the gather fused into
+a multiply + reduce: the model's dispatch when M·K ≤ E), `dense`
 (every expert on every row, then the top-k weights: the all-experts product).
 
   python benchmarks/moe_dispatch.py [--config configs/deepseek_v2_lite_16b.json]
@@ -57,6 +58,12 @@ def main():
     return jnp.einsum("mkf,mkdf->mkd", h, wd[idx])
 
   @jax.jit
+  def fused(x, idx):  # the model's few-rows path: gather fused into multiply + reduce
+    xf = x.astype(jnp.float32)[:, None, None, :]
+    h = jax.nn.silu((xf * wg[idx].astype(jnp.float32)).sum(-1)).astype(jnp.bfloat16)
+    return (h.astype(jnp.float32)[:, :, None, :] * wd[idx].astype(jnp.float32)).sum(-1)
+
+  @jax.jit
   def dense(x, idx):
     h = jax.nn.silu(jnp.einsum("md,efd->mef", x, wg))
     return jnp.einsum("mef,edf->med", h, wd)
@@ -69,8 +76,8 @@ def main():
     idx = jax.random.randint(jax.random.key(m), (m, k), 0, e)
     unique = len(set(idx.reshape(-1).tolist()))
     need = unique * 2 * f * d * 2
-    for name, fn in (("ragged", ragged), ("gather", gather), ("dense", dense)):
-      if name == "dense" and m > 512:
+    for name, fn in (("ragged", ragged), ("gather", gather), ("fused", fused), ("dense", dense)):
+      if (name == "dense" and m > 512) or (name in ("gather", "fused") and m > 512):
         continue
       t = bench(fn, x, idx)
       print(f"{m:>7} {name:>8} {t * 1e6:>9.1f} {need / t / 1e9:>22.0f}")

@@ -131,12 +131,18 @@ class Experts(nnx.Module):
   def __call__(self, x: jax.Array, routing: Routing) -> jax.Array:
     """Dropless dispatch: every token reaches all of its K experts.
 
+    Few rows (M·K ≤ E, decoding): each row's expert weights are gathered and contracted in one
+    fused pass that reads only the chosen experts. More rows: tokens are sorted by expert into
+    one grouped matmul.
+
     Args:
       x: [M, D] tokens; routing: their top-K experts and weights.
     Returns:
       [M, D] = Σ_k weights[m, k] · E_{experts[m, k]}(x[m]).
     """
     m, k = routing.experts.shape
+    if m * k <= self.num_experts:
+      return self._gathered(x, routing)
     flat = routing.experts.reshape(-1)                     # [M·K] expert of each (token, slot)
     order = jnp.argsort(flat, stable=True)                 # sort (token, slot) pairs by expert
     group_sizes = jnp.bincount(flat, length=self.num_experts).astype(jnp.int32)
@@ -144,6 +150,22 @@ class Experts(nnx.Module):
     h = jax.nn.silu(self._mm(xs, "gate_proj", group_sizes)) * self._mm(xs, "up_proj", group_sizes)
     ys = self._mm(h, "down_proj", group_sizes)             # [M·K, D]
     y = jnp.zeros_like(ys).at[order].set(ys).reshape(m, k, -1)  # back to (token, slot) order
+    return jnp.einsum("mkd,mk->md", y.astype(jnp.float32), routing.weights).astype(x.dtype)
+
+
+  def _gathered(self, x, routing):
+    def weight(name):
+      w = jnp.take(getattr(self, name)[...], routing.experts, axis=0)  # [M, K, ...]
+      scale = getattr(self, name + "_scale_inv")
+      if scale is not None:
+        w = dequantize_blocks(w, jnp.take(scale[...], routing.experts, axis=0), jnp.float32)
+      return w.astype(jnp.float32)
+
+    # multiply + reduce (not a dot): XLA fuses the gather into the reduction on every backend
+    xf = x.astype(jnp.float32)[:, None, None, :]
+    h = jax.nn.silu((xf * weight("gate_proj")).sum(-1)) * (xf * weight("up_proj")).sum(-1)
+    h = h.astype(x.dtype).astype(jnp.float32)  # round like the sorted path's bf16 activations
+    y = (h[:, :, None, :] * weight("down_proj")).sum(-1).astype(x.dtype)  # [M, K, D]
     return jnp.einsum("mkd,mk->md", y.astype(jnp.float32), routing.weights).astype(x.dtype)
 
 
