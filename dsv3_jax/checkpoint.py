@@ -215,7 +215,7 @@ def _validate(directory, expected, present, table):
     elif scale_name(n) in present and table.get(n) and table[n].scale_path:
       ok = dt == jnp.float8_e4m3fn
     else:
-      ok = dt.kind == "f" and dt.itemsize >= 2
+      ok = jnp.issubdtype(dt, jnp.floating) and dt.itemsize >= 2  # bf16's numpy kind is "V"
     if not ok:
       bad_dtype.append(f"{n} is {dt.name}")
   if bad_dtype:

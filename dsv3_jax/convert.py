@@ -100,7 +100,7 @@ def plan_conversion(reader: CheckpointReader, cfg: ModelConfig, dtype: str | Non
     param_dtype = np.dtype(jnp.bfloat16)
   else:
     emb = info.get("model.embed_tokens.weight", (None,))[0]
-    ok = emb is not None and emb.kind == "f" and emb.itemsize >= 2
+    ok = emb is not None and jnp.issubdtype(emb, jnp.floating) and emb.itemsize >= 2
     param_dtype = emb if ok else np.dtype(jnp.bfloat16)  # else check_checkpoint reports it
   abstract = flat_abstract(abstract_model(cfg, jnp.dtype(param_dtype), keep_fp8))
   check_checkpoint(reader, cfg, abstract)
