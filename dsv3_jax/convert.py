@@ -135,24 +135,61 @@ def plan_conversion(reader: CheckpointReader, cfg: ModelConfig, dtype: str | Non
 
 
 def _unit_writes(reader: CheckpointReader, plan: Plan, name: str):
-  """(path, index, array) writes that put checkpoint tensor `name` (and its scale) in place,
-  one chunk-aligned row band at a time; arrays are memory-map views where no cast is needed."""
+  """(path, index, array, source bytes) writes that put checkpoint tensor `name` (and its
+  scale) in place, one chunk-aligned row band at a time. Arrays are memory-map views where no
+  cast is needed; the file is mapped afresh for each band, so that the caller can drop the map
+  (and its resident pages) once TensorStore has copied a band."""
   e = plan.table[name]
   info = plan.arrays[e.path]
-  w = reader.get(name)
   has_scale = plan.ckpt_fp8 and e.scale_path is not None
   s = reader.get(scale_name(name)) if has_scale else None
   if has_scale and plan.keep_fp8:
-    yield e.scale_path, e.index, s
+    yield e.scale_path, e.index, s, s.nbytes
   for r0, r1 in row_bands(info, len(e.index)):
     idx = e.index + (slice(r0, r1),)
+    w = reader.get(name)[r0:r1]
     if has_scale and not plan.keep_fp8:  # bands start at multiples of 128: whole scale rows
-      band = _dequantize_np(w[r0:r1], s[r0 // FP8_BLOCK:-(-r1 // FP8_BLOCK)])
-      yield e.path, idx, band.astype(info.dtype)
-    elif w.dtype != info.dtype:
-      yield e.path, idx, w[r0:r1].astype(info.dtype)
+      band = _dequantize_np(w, s[r0 // FP8_BLOCK:-(-r1 // FP8_BLOCK)]).astype(info.dtype)
+      yield e.path, idx, band, w.nbytes + (s.nbytes if r0 == 0 else 0)
     else:
-      yield e.path, idx, w[r0:r1]
+      yield e.path, idx, (w if w.dtype == info.dtype else w.astype(info.dtype)), w.nbytes
+
+
+class _Flow:
+  """Bounds the bytes handed to TensorStore but not yet committed (waiting for the oldest
+  writes), and journals a tensor once every write of it is committed."""
+
+  def __init__(self, journal, limit: int):
+    self.journal, self.limit = journal, limit
+    self.writes, self.units, self.bytes = collections.deque(), collections.deque(), 0
+    self.journaled = 0
+
+  def add(self, future, nbytes: int) -> None:
+    self.writes.append((future, nbytes))
+    self.bytes += nbytes
+    while self.bytes > self.limit:
+      f, n = self.writes.popleft()
+      f.commit.result()
+      self.bytes -= n
+    self._journal()
+
+  def end_unit(self, name: str, futures: list) -> None:
+    self.units.append((name, futures))
+    self._journal()
+
+  def drain(self) -> None:
+    while self.writes:
+      self.writes.popleft()[0].commit.result()
+    self._journal()
+
+  def _journal(self) -> None:
+    while self.units and all(f.commit.done() for f in self.units[0][1]):
+      name, futures = self.units.popleft()
+      for f in futures:
+        f.commit.result()  # raises if the write failed
+      self.journal.write(name + "\n")
+      self.journal.flush()
+      self.journaled += 1
 
 
 def convert_hf_to_orbax(hf_dir: str, out_dir: str, *, dtype: str | None = None,
@@ -201,35 +238,25 @@ def _write_units(reader, plan: Plan, partial: str, todo: list[str], done: set[st
   writer = ParamWriter(os.path.join(partial, PARAMS), plan.arrays, compression=compression)
   total = sum(plan.unit_bytes.values())
   bar = progress_bar(total, sum(plan.unit_bytes[n] for n in done), "HF → Orbax", progress)
-  inflight, inflight_bytes, n_done = collections.deque(), 0, len(done)
   with open(os.path.join(partial, JOURNAL), "w") as journal:
     journal.write("".join(n + "\n" for n in sorted(done)))  # drops a torn last line
-    def retire():
-      nonlocal inflight_bytes, n_done
-      name, futures, nbytes = inflight.popleft()
-      for f in futures:
-        f.commit.result()
-      journal.write(name + "\n")
-      journal.flush()
-      inflight_bytes -= nbytes
-      n_done += 1
-
+    flow = _Flow(journal, MAX_INFLIGHT)
     try:
-      for name in todo:
-        futures = [writer.write(p, i, v) for p, i, v in _unit_writes(reader, plan, name)]
-        for f in futures:  # TensorStore has its own copy: the mapped pages can go
-          f.copy.result()
-        reader.file_of(name).close()
+      for i, name in enumerate(todo):
+        futures = []
+        for path, index, value, src_bytes in _unit_writes(reader, plan, name):
+          f = writer.write(path, index, value)
+          f.copy.result()  # TensorStore holds its own copy now: drop the mapped pages
+          del value
+          reader.file_of(name).close()
+          futures.append(f)
+          flow.add(f, math.prod(plan.arrays[path].chunks) * plan.arrays[path].dtype.itemsize)
+          bar.update(src_bytes)
         if plan.ckpt_fp8 and plan.table[name].scale_path is not None:
           reader.file_of(scale_name(name)).close()
-        inflight.append((name, futures, plan.unit_bytes[name]))
-        inflight_bytes += plan.unit_bytes[name]
-        while inflight_bytes > MAX_INFLIGHT:
-          retire()
-        bar.update(plan.unit_bytes[name])
-        bar.set_postfix_str(f"{n_done + len(inflight)}/{len(plan.units)} tensors", refresh=False)
-      while inflight:
-        retire()
+        flow.end_unit(name, futures)
+        bar.set_postfix_str(f"{len(done) + i + 1}/{len(plan.units)} tensors", refresh=False)
+      flow.drain()
     finally:
       bar.close()
 

@@ -91,7 +91,7 @@ def shard(tensors: list[Tensor], max_bytes: int) -> list[list[Tensor]]:
   return shards
 
 
-def _header(tensors: list[Tensor]) -> bytes:
+def safetensors_header(tensors: list[Tensor]) -> bytes:
   """The safetensors header: u64 length, JSON padded with spaces to a multiple of 8."""
   head, off = {"__metadata__": {"format": "pt"}}, 0
   for t in tensors:
@@ -115,7 +115,7 @@ def _write_file(path: str, tensors: list[Tensor], reader: ParamReader, bar) -> i
   pending = collections.deque()
   written = 0
   with open(path, "wb") as f:
-    f.write(_header(tensors))
+    f.write(safetensors_header(tensors))
     for fut in futures:
       pending.append(fut)
       if len(pending) < _PREFETCH:
