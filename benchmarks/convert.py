@@ -152,7 +152,7 @@ runpy.run_module('dsv3_jax.convert', run_name='__main__', alter_sys=True)
 def run_measured(args: list[str], status_path: str) -> dict:
   """Runs `python -m dsv3_jax.convert ARGS`: wall seconds, peak RSS (the child's own VmHWM,
   read at its exit) and the peak anonymous / file-backed RSS seen in /proc samples."""
-  t0 = time.perf_counter()
+  t0, cpu0, busy0 = time.perf_counter(), _children_cpu(), _machine_busy()
   proc = subprocess.Popen([sys.executable, "-c", _CHILD, *args], cwd=REPO,
                           env={**os.environ, "JAX_PLATFORMS": "cpu", "BENCH_STATUS": status_path})
   peaks = {"RssAnon": 0, "RssFile": 0}
@@ -173,13 +173,28 @@ def run_measured(args: list[str], status_path: str) -> dict:
   th.start()
   proc.wait()
   wall = time.perf_counter() - t0
+  cpu, busy = _children_cpu() - cpu0, _machine_busy() - busy0
   th.join()
   if proc.returncode:
     raise SystemExit(f"dsv3_jax.convert {args} failed with {proc.returncode}")
   with open(status_path) as f:
     status = json.load(f)
   return {"wall_s": wall, "peak_rss": status["VmHWM"], "peak_anon": peaks["RssAnon"],
-          "peak_file": peaks["RssFile"]}
+          "peak_file": peaks["RssFile"], "cpu_s": cpu, "others_cpu_s": max(0.0, busy - cpu)}
+
+
+def _children_cpu() -> float:
+  import resource
+
+  r = resource.getrusage(resource.RUSAGE_CHILDREN)
+  return r.ru_utime + r.ru_stime
+
+
+def _machine_busy() -> float:
+  """CPU seconds spent by everything on the machine (user + nice + system + irq), /proc/stat."""
+  with open("/proc/stat") as f:
+    v = [int(x) for x in f.readline().split()[1:]]
+  return (v[0] + v[1] + v[2] + v[5] + v[6]) / os.sysconf("SC_CLK_TCK")
 
 
 def bit_exact(a: str, b: str, band=256 * 2**20) -> bool:
@@ -218,6 +233,7 @@ def main() -> None:
   if os.path.exists(args.dir):
     shutil.rmtree(args.dir)
   src, orbax, back = (os.path.join(args.dir, n) for n in ("hf", "orbax", "hf_back"))
+  print(f"load average before: {os.getloadavg()}", flush=True)
   try:
     t0 = time.perf_counter()
     synthesize(cfg, tensors, src)
@@ -237,7 +253,8 @@ def main() -> None:
     for k, r in (("HF → Orbax", conv), ("Orbax → HF", exp)):
       print(f"{k}: {r['wall_s']:.1f}s, {total / 1e9 / r['wall_s']:.2f} GB/s, peak RSS "
             f"{r['peak_rss'] / 2**30:.2f} GiB (anon {r['peak_anon'] / 2**30:.2f}, file-backed "
-            f"{r['peak_file'] / 2**30:.2f})")
+            f"{r['peak_file'] / 2**30:.2f}); CPU {r['cpu_s']:.0f}s, other processes "
+            f"{r['others_cpu_s']:.0f}s")
     print(f"Orbax checkpoint {result['orbax_gb']:.2f} GB on disk; round trip bit-exact: {same}")
     print(json.dumps(result))
   finally:

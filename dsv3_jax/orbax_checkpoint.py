@@ -273,7 +273,7 @@ def flat_abstract(model: nnx.Module) -> dict[Path, jax.ShapeDtypeStruct]:
 
 # ---- restore ------------------------------------------------------------------------------------
 def from_pretrained(directory: str | os.PathLike, mesh: jax.sharding.Mesh | None = None,
-                    rules=INFER_RULES, *, compute_dtype=None):
+                    rules=INFER_RULES, *, dtype=None, compute_dtype=None):
   """Restores a converted model (see `python -m dsv3_jax.convert`) with Orbax.
 
   Args:
@@ -281,7 +281,9 @@ def from_pretrained(directory: str | os.PathLike, mesh: jax.sharding.Mesh | None
     mesh: shard the parameters over this mesh by `rules` (each process reads only the chunks its
       devices hold); None: everything on the first device.
     rules: logical-axis → mesh-axis table (sharding.INFER_RULES or TRAIN_RULES).
-    compute_dtype: activation dtype (default: the stored parameter dtype).
+    dtype: restore the parameters as this dtype (cast while reading; default: as stored).
+      FP8 weights and their scales stay e4m3 / float32.
+    compute_dtype: activation dtype (default: the parameter dtype).
   Returns:
     a Transformer; `model(tokens [B, T])` → logits [B, T, V].
   """
@@ -294,8 +296,8 @@ def from_pretrained(directory: str | os.PathLike, mesh: jax.sharding.Mesh | None
   cfg = load_config(directory)
   arrays = ParamReader(params_dir).arrays
   param_dtype, fp8 = stored_layout(cfg, arrays, params_dir)
-  model = abstract_model(cfg, jnp.dtype(param_dtype), fp8, compute_dtype)
-  check_params(params_dir, arrays, flat_abstract(model))
+  check_params(params_dir, arrays, flat_abstract(abstract_model(cfg, jnp.dtype(param_dtype), fp8)))
+  model = abstract_model(cfg, jnp.dtype(dtype or param_dtype), fp8, compute_dtype)
   graphdef, state = nnx.split(model)
   if mesh is None:
     dev = jax.sharding.SingleDeviceSharding(jax.devices()[0])

@@ -119,6 +119,13 @@ def test_fp32_checkpoint_restores_like_the_hf_loader(converted):
   np.testing.assert_allclose(logits, expected["logits"], rtol=1e-4, atol=1e-4)
 
 
+def test_restore_with_a_cast(converted):
+  model = from_pretrained(converted["tiny"], dtype=jnp.bfloat16)
+  assert model.embed_tokens.weight.get_value().dtype == jnp.bfloat16
+  assert model.moe_layers.mlp.gate.e_score_correction_bias.get_value().dtype == jnp.float32
+  assert_same_params(model, from_hf_pretrained(TINY, jnp.bfloat16))
+
+
 def test_fp8_kept_as_e4m3_with_scales(converted, fp8_dir):
   model = from_pretrained(converted["fp8"])
   ex = model.moe_layers.mlp.experts
@@ -377,6 +384,19 @@ def test_fp8_scale_of_the_wrong_dtype(tmp_path):
   with pytest.raises(CheckpointError, match="not an FP8 checkpoint.*omit --dtype"):
     convert_hf_to_orbax(TINY, str(tmp_path / "out"), dtype="fp8", progress=False)
   assert not os.path.exists(tmp_path / "out")
+
+
+def test_mixed_float_dtypes_are_cast_with_a_warning(tmp_path):
+  def bf16_embedding(sd):
+    for n in ("model.embed_tokens.weight", "model.layers.3.embed_tokens.weight"):
+      sd[n] = sd[n].astype(ml_dtypes.bfloat16)
+
+  d = _write(tmp_path, mutate_sd=bf16_embedding)
+  with pytest.warns(UserWarning, match=r"cast to bfloat16 .*losing precision: model.layers.0"):
+    convert_hf_to_orbax(d, str(tmp_path / "out"), progress=False)
+  model = from_pretrained(str(tmp_path / "out"))
+  assert model.lm_head.weight.get_value().dtype == jnp.bfloat16
+  assert model.moe_layers.mlp.gate.e_score_correction_bias.get_value().dtype == jnp.float32
 
 
 def test_existing_output_needs_overwrite(converted, tmp_path):
