@@ -153,6 +153,20 @@ def test_fp8_dequantized_to_bf16(converted, fp8_dir):
   assert "quantization_config" not in cfg and cfg["torch_dtype"] == "bfloat16"
 
 
+@pytest.mark.parametrize("scale", [1e-3, 1e-37])  # the second gives f32 subnormals
+def test_dequantize_is_bitwise_the_numpy_reference(scale):
+  from dsv3_jax.checkpoint import _dequantize_np
+  from dsv3_jax.convert import dequantize
+
+  rng = np.random.default_rng(0)
+  w = (rng.standard_normal((300, 260)) * 100).astype(ml_dtypes.float8_e4m3fn)
+  s = (rng.random((3, 3)) * scale).astype(np.float32)
+  want = _dequantize_np(w, s).astype(ml_dtypes.bfloat16)
+  got = dequantize(w, s, jnp.bfloat16)
+  assert got.dtype == want.dtype and got.tobytes() == want.tobytes()
+  assert scale > 1e-30 or np.any((want != 0) & (np.abs(want.astype(np.float32)) < 1.2e-38))
+
+
 def test_side_files_and_layout(converted):
   out = converted["fp8"]
   for name, text in TOKENIZER.items():
