@@ -206,6 +206,14 @@ def test_orbax_reads_our_metadata_like_its_own(converted, tmp_path):
             for k, v in m["tree_metadata"].items()}
 
   assert strip(ours) == strip(theirs)
+  # OUT_DIR itself is an Orbax composite checkpoint whose item "params" is the model
+  target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
+                        pure)
+  with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ck:
+    restored = ck.restore(converted["fp8"],
+                          ocp.args.Composite(params=ocp.args.StandardRestore(target)))
+  assert jax.tree.all(jax.tree.map(lambda a, b: a.tobytes() == np.asarray(b).tobytes(),
+                                   jax.tree.map(np.asarray, pure), restored["params"]))
   assert {k: v for k, v in ours.items() if k != "tree_metadata"} == \
          {k: v for k, v in theirs.items() if k != "tree_metadata"}
 
