@@ -148,22 +148,53 @@ def read_hf_params(directory: str, cfg: ModelConfig, model_abstract: nnx.Module,
   abstract = _flat_abstract(model_abstract)
   keep_fp8 = any(p[-1].endswith("scale_inv") for p in abstract)
   table = hf_tensor_table(cfg)
-  _check_table_covers(table, abstract, keep_fp8)
   reader = CheckpointReader(directory)
   try:
-    present = reader.info
-    ckpt_fp8 = any(n.endswith("weight_scale_inv") for n in present)
-    if keep_fp8 and not ckpt_fp8:
-      raise CheckpointError(f"{directory}: the model holds FP8 parameters but the checkpoint "
-                            "has no weight_scale_inv tensors (it is not an FP8 checkpoint)")
-    expected = expected_tensors(cfg, abstract, ckpt_fp8)
-    _validate(directory, expected, present, table)
+    ckpt_fp8 = check_checkpoint(reader, cfg, abstract)
     return _assemble(reader, table, abstract, keep_fp8, ckpt_fp8, progress)
   finally:
     reader.close()
 
 
 _WEIGHT_DTYPES = {np.dtype(t) for t in (np.float64, np.float32, np.float16, jnp.bfloat16)}
+
+
+def check_checkpoint(reader: CheckpointReader, cfg: ModelConfig,
+                     abstract: dict[Path, jax.ShapeDtypeStruct]) -> bool:
+  """Validates the checkpoint's tensor names, shapes and dtypes against the parameters
+  `abstract` (flat path → ShapeDtypeStruct) without reading any tensor data.
+
+  Returns whether the checkpoint is FP8 (has weight_scale_inv tensors). Raises CheckpointError
+  listing every problem.
+  """
+  keep_fp8 = any(p[-1].endswith("scale_inv") for p in abstract)
+  table = hf_tensor_table(cfg)
+  _check_table_covers(table, abstract, keep_fp8)
+  present = reader.info
+  ckpt_fp8 = any(n.endswith("weight_scale_inv") for n in present)
+  if keep_fp8 and not ckpt_fp8:
+    raise CheckpointError(f"{reader.directory}: the model holds FP8 parameters but the checkpoint "
+                          "has no weight_scale_inv tensors (it is not an FP8 checkpoint)")
+  expected = expected_tensors(cfg, abstract, ckpt_fp8)
+  _validate(reader.directory, expected, present, table)
+  return ckpt_fp8
+
+
+def check_mtp_copies(reader: CheckpointReader, table: dict[str, Entry],
+                     band_bytes: int = 64 * 2**20) -> None:
+  """The MTP layers' embed_tokens / shared_head.head must be bytewise copies of the main model's
+  (we store one). Compared in row bands, so memory stays bounded for a 129280-row embedding."""
+  for name, e in table.items():
+    if e.copy_of is None:
+      continue
+    a, b = reader.get(name), reader.get(e.copy_of)
+    rows = max(1, band_bytes // max(1, a[0].nbytes)) if a.ndim else 1
+    same = a.dtype == b.dtype and a.shape == b.shape and all(
+        np.array_equal(a[r:r + rows].view(np.uint8), b[r:r + rows].view(np.uint8))
+        for r in range(0, len(a), rows))
+    if not same:
+      raise CheckpointError(f"{name} differs from {e.copy_of}: the MTP layer shares the main "
+                            "model's embedding and head, and its copy must be identical")
 
 
 def _validate(directory, expected, present, table):

@@ -92,7 +92,13 @@ class SafetensorsFile:
       self._map = np.memmap(self.path, dtype=np.uint8, mode="r")
     return self._map[self._data_start + begin:self._data_start + end].view(dtype).reshape(shape)
 
+  def offset(self, name: str) -> int:
+    """Byte offset of the tensor in the data section (file order)."""
+    return self._offsets[name][0]
+
   def close(self):
+    """Drops this reader's memory map (its pages leave the resident set once no view of it is
+    alive); a later `get` maps the file again."""
     self._map = None
 
 
@@ -147,6 +153,13 @@ class CheckpointReader:
 
   def get(self, name: str) -> np.ndarray:
     return self._where[name].get(name)
+
+  def file_of(self, name: str) -> SafetensorsFile:
+    return self._where[name]
+
+  def file_order(self) -> list[str]:
+    """Every tensor name, shard by shard in data-offset order (sequential reads)."""
+    return [n for sf in self.shards.values() for n in sorted(sf.info, key=sf.offset)]
 
   def close(self):
     for sf in self.shards.values():
