@@ -95,16 +95,25 @@ def read_prompts(path: str) -> list[str]:
 
 
 def load_model(path: str, dtype: str, fp8: bool, quiet: bool):
+  """An Orbax directory from `python -m dsv3_jax.convert` (restored as stored: FP8 stays FP8),
+  or an HF directory (FP8 weights dequantized to `dtype` unless `fp8`)."""
   import jax.numpy as jnp
 
   from dsv3_jax.checkpoint import from_hf_pretrained
+  from dsv3_jax.orbax_checkpoint import PARAMS, from_pretrained
 
   if not os.path.isdir(path):
     raise SystemExit(f"error: --ckpt {path} is not a directory")
   t0 = time.perf_counter()
-  model = from_hf_pretrained(path, jnp.dtype(dtype), fp8=fp8, progress=not quiet)
+  orbax = os.path.isdir(os.path.join(path, PARAMS))
+  if orbax:
+    model = from_pretrained(path, dtype=None if fp8 else jnp.dtype(dtype),
+                            compute_dtype=jnp.dtype(dtype))
+  else:
+    model = from_hf_pretrained(path, jnp.dtype(dtype), fp8=fp8, progress=not quiet)
   if not quiet:
-    print(f"loaded {path} ({dtype}{', fp8 weights' if fp8 else ''}) in "
+    kind = "Orbax" if orbax else "HF"
+    print(f"loaded {kind} checkpoint {path} ({dtype}{', fp8 weights' if fp8 else ''}) in "
           f"{time.perf_counter() - t0:.1f}s", file=sys.stderr)
   return model
 

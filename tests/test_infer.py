@@ -112,3 +112,15 @@ def test_help_explains():
   with pytest.raises(SystemExit) as e:
     infer.main(["--help"])
   assert e.value.code == 0
+
+
+def test_orbax_checkpoint_gives_the_same_output(ckpt, tmp_path, capsys):
+  from dsv3_jax.convert import convert_hf_to_orbax
+  out = tmp_path / "orbax"
+  convert_hf_to_orbax(str(ckpt), str(out))
+  assert (out / "tokenizer.json").exists()
+  argv = ["--raw", "--prompt", "the quick", "--temperature", "0", "--max-new-tokens", "5",
+          "--dtype", "float32"]
+  hf = run_json(capsys, "--ckpt", str(ckpt), *argv)
+  orbax = run_json(capsys, "--ckpt", str(out), *argv)
+  assert orbax["results"][0]["output_ids"] == hf["results"][0]["output_ids"]
