@@ -50,15 +50,21 @@ def test_prefill_then_decode_equals_full_forward(name):
   graphdef, params = core.split(model)
   tokens = jax.random.randint(jax.random.key(7), (2, 14), 0, model.cfg.vocab_size)
   want, _ = core.forward(graphdef, params, tokens)
-  cache = init_cache(model.cfg, batch=2, max_len=20, dtype=jnp.float32)
-  logits, _, cache = core.prefill(graphdef, params, tokens[:, :5], cache)
-  got = [logits]
-  for i in range(5, 14):
-    logits, _, cache = core.decode_step(graphdef, params, tokens[:, i:i + 1],
-                                        jnp.full((2,), i, jnp.int32), cache)
-    got.append(logits)
-  got = jnp.concatenate(got, axis=1)
+  got = incremental_logits(graphdef, params, model.cfg, tokens, prefill_len=5, dtype=jnp.float32)
   np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-4, atol=1e-4)
+
+
+def incremental_logits(graphdef, params, cfg, tokens, *, prefill_len, dtype):
+  """Logits of every position from a prefill of the first tokens, then one decode step each."""
+  b, t = tokens.shape
+  cache = init_cache(cfg, batch=b, max_len=t + 4, dtype=dtype)
+  logits, _, cache = core.prefill(graphdef, params, tokens[:, :prefill_len], cache)
+  got = [logits]
+  for i in range(prefill_len, t):
+    logits, _, cache = core.decode_step(graphdef, params, tokens[:, i:i + 1],
+                                        jnp.full((b,), i, jnp.int32), cache)
+    got.append(logits)
+  return jnp.concatenate(got, axis=1)
 
 
 def test_decode_rows_at_different_positions():
@@ -111,13 +117,7 @@ def test_bf16_prefill_then_decode_runs_close_to_full_forward():
   graphdef, params = core.split(model)
   tokens = jax.random.randint(jax.random.key(9), (3, 8), 0, model.cfg.vocab_size)
   want, _ = core.forward(graphdef, params, tokens)
-  cache = init_cache(model.cfg, batch=3, max_len=12, dtype=jnp.bfloat16)
-  logits, _, cache = core.prefill(graphdef, params, tokens[:, :4], cache)
-  got = [logits]
-  for i in range(4, 8):
-    logits, _, cache = core.decode_step(graphdef, params, tokens[:, i:i + 1],
-                                        jnp.full((3,), i, jnp.int32), cache)
-    got.append(logits)
-  got = np.asarray(jnp.concatenate(got, axis=1))
+  got = np.asarray(incremental_logits(graphdef, params, model.cfg, tokens, prefill_len=4,
+                                      dtype=jnp.bfloat16))
   rel = np.linalg.norm(got - np.asarray(want)) / np.linalg.norm(np.asarray(want))
   assert rel < 3e-2, rel
