@@ -27,6 +27,7 @@ from pallas_kernels.fp8_gemm_triton import BLOCK, check_operands
 from pallas_kernels.fp8_gemm_triton import fp8_gemm_reference as fp8_gemm_mosaic_reference  # noqa: F401
 
 WG_M = 64  # rows per compute warpgroup: Hopper's wgmma M
+SMEM_BYTES = 227 * 1024 - 2048  # per-block shared memory on sm90, less barriers and scratch
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -148,7 +149,7 @@ def _kernel(a_gmem, b_gmem, sat_gmem, sb_gmem, out_gmem, *, m: int, n: int, k: i
           return acc_ref[...]
 
         part = pl.run_scoped(slab, plgpu.ACC((WG_M, tile_n), jnp.float32))
-        sa = plgpu.load(sa_smem.at[wg_m], (), layout=plgpu.Layout.WGMMA.reduce(1))
+        sa = plgpu.load(sa_smem.at[wg_m], layout=plgpu.Layout.WGMMA.reduce(1))
         scale = sa * sb_gmem[nb, kb0 + kk]
         return acc + part * lax.broadcast_in_dim(scale, part.shape, [0])
 
@@ -203,6 +204,11 @@ def fp8_gemm_mosaic_t(a: jax.Array, sa_t: jax.Array, b: jax.Array, sb: jax.Array
     a = jnp.pad(a, ((0, mp - m), (0, 0)))
   split_k = config.k_splits > 1
   acc_dtype = jnp.float32 if split_k else out_dtype
+  # Shared memory: the stage ring plus one output tile per compute warpgroup (227 KiB on H100).
+  stage_bytes = (config.cta_m + config.cta_n) * BLOCK + config.cta_m * 4
+  out_bytes = 2 * WG_M * config.tile_n * jnp.dtype(acc_dtype).itemsize
+  stages = min(config.max_concurrent_steps, (SMEM_BYTES - out_bytes) // stage_bytes)
+  config = dataclasses.replace(config, max_concurrent_steps=stages)
   out_shape = (config.k_splits, mp, np_) if split_k else (mp, np_)
   out = plgpu.kernel(
       functools.partial(_kernel, m=mp, n=np_, k=k, n_blocks=sb.shape[0], config=config),
