@@ -213,7 +213,7 @@ def test_linear_runs_the_kernel_on_quantized_activations(kind):
   ref = fp8_gemm_reference(a, sa, lin.weight[...], lin.weight_scale_inv[...],
                            out_dtype=jnp.float32).reshape(2, 3, 200)
   assert y.shape == (2, 3, 200) and y.dtype == x.dtype
-  assert _rel(y, ref) < 1e-5
+  assert _rel(y, ref) < (5e-4 if ON_GPU else 1e-5)   # see _check_compiled
   # the XLA path multiplies unquantized activations: close, but not the same function
   assert 1e-4 < _rel(y, _with_backend(lin, Fp8Backend())(x)) < 0.05
 
@@ -232,7 +232,7 @@ def test_grouped_matmul_dispatch():
   got = grouped_matmul(a_f, b, sizes, sb, resolve_backend("triton"))
   a, sa = act_quant_reference(a_f)
   ref = fp8_grouped_gemm_reference(a, sa, b, sb, sizes, out_dtype=jnp.float32)
-  assert _rel(got, ref) < 1e-5
+  assert _rel(got, ref) < (5e-4 if ON_GPU else 1e-5)
   xla = grouped_matmul(a_f, b, sizes, sb)
   assert 1e-4 < _rel(got, xla) < 0.05
 
