@@ -208,6 +208,41 @@ def bench_shape(m, n, k, methods, sweep, log):
   return rows
 
 
+def render(paths: list[str]) -> str:
+  """A markdown table (best queued-wall config per method) from one or more --json files;
+  later files override earlier ones for the same (M, N, K, method)."""
+  best = {}
+  for path in paths:
+    seen = {}
+    for r in json.loads(Path(path).read_text()):
+      key = (r["n"], r["k"], r["m"], r["method"])
+      if key not in seen or r["seconds"] < seen[key]["seconds"]:
+        seen[key] = r
+    best.update(seen)
+  methods = ["xla_bf16", "xla_dequant", "triton_fp8", "mosaic_fp8"]
+  out = ["| N×K | M | " + " | ".join(methods) + " | err: bf16 / dequant / triton / mosaic (q-operand) |",
+         "|---|---|" + "---|" * (len(methods) + 1)]
+  for n, k in SHAPES:
+    for m in MS:
+      cells, errs = [], []
+      for meth in methods:
+        r = best.get((n, k, m, meth))
+        if r is None:
+          cells.append("–")
+          errs.append("–")
+          continue
+        unit = (f"{r['tflops']:.0f} TF/s" if m >= 128 else f"{r['gbps']:.0f} GB/s")
+        dev = ""
+        if r.get("device_seconds"):
+          dev = (f" [{r['device_tflops']:.0f}]" if m >= 128 else f" [{r['device_gbps']:.0f}]")
+        cells.append(f"{r['seconds'] * 1e6:.1f} µs · {unit}{dev}")
+        errs.append(f"{r['err']:.2e}")
+      q = best.get((n, k, m, "mosaic_fp8")) or best.get((n, k, m, "triton_fp8"))
+      out.append(f"| {n}×{k} | {m} | " + " | ".join(cells) + " | " + " / ".join(errs)
+                 + (f" ({q['q_err']:.2e})" if q else "") + " |")
+  return "\n".join(out)
+
+
 def main():
   p = argparse.ArgumentParser()
   p.add_argument("--ms", default=",".join(map(str, MS)))
@@ -216,7 +251,12 @@ def main():
   p.add_argument("--sweep", default="none", choices=["none", "mosaic", "all"],
                  help="also time a few tile configs")
   p.add_argument("--json", default=None)
+  p.add_argument("--render", nargs="+", default=None,
+                 help="print a markdown table from --json result files and exit")
   args = p.parse_args()
+  if args.render:
+    print(render(args.render))
+    return
   dev = jax.devices()[0]
   print(f"device: {dev.device_kind} ({dev.platform}, {getattr(dev, 'core_count', '?')} SMs, "
         f"cc {getattr(dev, 'compute_capability', '?')}), jax {jax.__version__}", flush=True)

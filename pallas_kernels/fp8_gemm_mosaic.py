@@ -23,8 +23,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from pallas_kernels.fp8_gemm_triton import BLOCK, check_operands
-from pallas_kernels.fp8_gemm_triton import fp8_gemm_reference as fp8_gemm_mosaic_reference  # noqa: F401
+from pallas_kernels.fp8_gemm_triton import BLOCK, check_operands, fp8_gemm_reference
 
 WG_M = 64  # rows per compute warpgroup: Hopper's wgmma M
 SMEM_BYTES = 227 * 1024 - 2048  # per-block shared memory on sm90, less barriers and scratch
@@ -63,7 +62,9 @@ def default_config(m: int, n: int, k: int, num_sms: int = 132) -> TuningConfig:
   when there are too few tiles to give every SM a share of the weight."""
   kb = k // BLOCK
   if m > WG_M:
-    return TuningConfig(tile_n=128, wg_dimension="m", max_concurrent_steps=5)
+    # 4 stages beat 5 and 6 on all six DeepSeek shapes at M = 4096 on H100 (docs/benchmarks.md);
+    # 128×64 tiles (fewer partial waves for N = 2112) were slower everywhere.
+    return TuningConfig(tile_n=128, wg_dimension="m", max_concurrent_steps=4)
   tile_n = 64 if n >= 64 * num_sms else 32
   tiles = math.ceil(n / (2 * tile_n))
   splits = 1
@@ -232,6 +233,7 @@ def transpose_scales(sa: jax.Array) -> jax.Array:
   return jnp.pad(sa.T, ((0, 0), (0, -m % 4)))
 
 
+@functools.partial(jax.jit, static_argnames=("out_dtype", "config", "interpret"))
 def fp8_gemm_mosaic(a: jax.Array, sa: jax.Array, b: jax.Array, sb: jax.Array, *,
                     out_dtype=jnp.bfloat16, config: TuningConfig | None = None,
                     interpret: bool = False) -> jax.Array:
@@ -246,3 +248,8 @@ def fp8_gemm_mosaic(a: jax.Array, sa: jax.Array, b: jax.Array, sb: jax.Array, *,
   check_operands(a, sa, b, sb)
   return fp8_gemm_mosaic_t(a, transpose_scales(sa), b, sb, out_dtype=out_dtype, config=config,
                            interpret=interpret)
+
+
+def fp8_gemm_mosaic_reference(a, sa, b, sb, *, out_dtype=jnp.bfloat16) -> jax.Array:
+  """Pure-jnp fp8_gemm_mosaic: the same function as the Triton kernel's reference."""
+  return fp8_gemm_reference(a, sa, b, sb, out_dtype=out_dtype)
