@@ -273,7 +273,7 @@ def _progress(items, enabled: bool, desc: str) -> Iterator:
 
 
 def from_hf_pretrained(path: str | os.PathLike, dtype=jnp.bfloat16, *, fp8: bool = False,
-                       compute_dtype=None, progress: bool = False):
+                       compute_dtype=None, progress: bool = False, fp8_backend: str = "auto"):
   """Loads an HF DeepSeek-V2/V3 checkpoint directory into a Transformer.
 
   Args:
@@ -281,6 +281,7 @@ def from_hf_pretrained(path: str | os.PathLike, dtype=jnp.bfloat16, *, fp8: bool
     dtype: parameter dtype (FP8 weights are dequantized to it unless fp8=True).
     fp8: keep FP8 projections as e4m3 + block scales (needs an FP8 checkpoint).
     compute_dtype: activation dtype (default: dtype).
+    fp8_backend: how FP8 projections run (see Transformer): "auto" | "xla" | "triton" | "mosaic".
   Returns:
     a Transformer; `model(tokens [B, T])` → logits [B, T, V].
   """
@@ -290,7 +291,7 @@ def from_hf_pretrained(path: str | os.PathLike, dtype=jnp.bfloat16, *, fp8: bool
   cfg = load_config(path)
   dtype = jnp.dtype(dtype)
   make = lambda: Transformer(cfg, rngs=nnx.Rngs(0), param_dtype=dtype,
-                             dtype=compute_dtype or dtype, fp8=fp8)
+                             dtype=compute_dtype or dtype, fp8=fp8, fp8_backend=fp8_backend)
   abstract = nnx.eval_shape(make)
   host = read_hf_params(path, cfg, abstract, progress=progress)
   graphdef, state = nnx.split(abstract)

@@ -16,6 +16,7 @@ import numpy as np
 from flax import nnx
 
 from dsv3_jax.config import ModelConfig, yarn_mscale
+from pallas_kernels.fp8_ops import Fp8Backend, fp8_linear
 
 FP8_BLOCK = 128
 FP8_DTYPE = jnp.float8_e4m3fn
@@ -69,13 +70,17 @@ class Linear(nnx.Module):
   """y = x · Wᵀ with W [out, in]; bias-free.
 
   With `fp8=True` the weight is e4m3 with a float32 `weight_scale_inv` [ceil(out/128),
-  ceil(in/128)] (DeepSeek's checkpoint layout) and is dequantized block-wise before the product
-  (the XLA path; GPU kernels replace this product).
+  ceil(in/128)] (DeepSeek's checkpoint layout). `fp8_backend` (resolved once, when the model is
+  built; see pallas_kernels.fp8_ops) picks the product: "xla" dequantizes the weight block-wise
+  and multiplies; "triton"/"mosaic" quantize the activations per 1×128 tile and run the FP8
+  Pallas GEMM.
   """
 
   def __init__(self, in_features: int, out_features: int, *, axes: tuple[str, str],
-               rngs: nnx.Rngs, std: float = 0.006, param_dtype=jnp.float32, fp8: bool = False):
+               rngs: nnx.Rngs, std: float = 0.006, param_dtype=jnp.float32, fp8: bool = False,
+               fp8_backend: Fp8Backend | None = None):
     self.in_features, self.out_features = in_features, out_features
+    self.fp8_backend = fp8_backend or Fp8Backend()
     w = _normal(rngs, (out_features, in_features), std, jnp.float32)
     if fp8:
       q, s = quantize_blocks(w)
@@ -93,6 +98,9 @@ class Linear(nnx.Module):
 
   def __call__(self, x: jax.Array, out_dtype=None) -> jax.Array:
     """x: [..., in] → [..., out] in out_dtype (default x.dtype), float32 accumulation."""
+    if self.weight_scale_inv is not None and self.fp8_backend.kind != "xla":
+      return fp8_linear(x, self.weight[...], self.weight_scale_inv[...],
+                        backend=self.fp8_backend, out_dtype=out_dtype or x.dtype)
     w = self.dense_weight(x.dtype)
     y = jnp.einsum("...k,nk->...n", x, w, preferred_element_type=jnp.float32)
     return y.astype(out_dtype or x.dtype)

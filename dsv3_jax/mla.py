@@ -19,6 +19,7 @@ from flax import nnx
 from dsv3_jax.cache import LayerCache
 from dsv3_jax.config import ModelConfig
 from dsv3_jax.layers import Linear, RMSNorm, apply_rope, rope_attention_factor, rope_inv_freq
+from pallas_kernels.fp8_ops import Fp8Backend
 
 AttnMode = Literal["full", "absorbed"]
 _NEG_INF = -1e30  # finite: a row with no visible key (padding) stays NaN-free
@@ -28,7 +29,7 @@ class MLA(nnx.Module):
   """Attention block. Parameter names follow the checkpoint (`self_attn.*`)."""
 
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, param_dtype=jnp.float32,
-               fp8: bool = False):
+               fp8: bool = False, fp8_backend: Fp8Backend | None = None):
     d, n = cfg.hidden_size, cfg.num_attention_heads
     self.num_heads = n
     self.nope_dim, self.rope_dim, self.v_dim = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim
@@ -36,7 +37,8 @@ class MLA(nnx.Module):
     self.scale = cfg.softmax_scale
     self.inv_freq = tuple(float(f) for f in rope_inv_freq(cfg))
     self.rope_factor = rope_attention_factor(cfg)
-    lin = dict(rngs=rngs, std=cfg.initializer_range, param_dtype=param_dtype, fp8=fp8)
+    lin = dict(rngs=rngs, std=cfg.initializer_range, param_dtype=param_dtype, fp8=fp8,
+               fp8_backend=fp8_backend)
     qk = cfg.qk_head_dim
     if cfg.q_lora_rank:
       self.q_a_proj = Linear(d, cfg.q_lora_rank, axes=("q_lora", "embed"), **lin)

@@ -7,6 +7,7 @@ jax.lax.scan, so compile time does not grow with depth.
 
 from __future__ import annotations
 
+import logging
 from typing import Callable
 
 import jax
@@ -18,14 +19,17 @@ from dsv3_jax.config import ModelConfig
 from dsv3_jax.layers import Embed, Linear, RMSNorm
 from dsv3_jax.mla import MLA, AttnMode
 from dsv3_jax.moe import MLP, MoE
+from pallas_kernels.fp8_ops import Fp8Backend, resolve_backend
+
+log = logging.getLogger(__name__)
 
 
 class DecoderLayer(nnx.Module):
   """Pre-norm block: x + attn(norm(x)), then h + mlp(norm(h)). x: [B, T, D] → [B, T, D]."""
 
   def __init__(self, cfg: ModelConfig, *, moe: bool, rngs: nnx.Rngs, param_dtype=jnp.float32,
-               fp8: bool = False):
-    kw = dict(rngs=rngs, param_dtype=param_dtype, fp8=fp8)
+               fp8: bool = False, fp8_backend: Fp8Backend | None = None):
+    kw = dict(rngs=rngs, param_dtype=param_dtype, fp8=fp8, fp8_backend=fp8_backend)
     self.input_layernorm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, param_dtype=param_dtype)
     self.self_attn = MLA(cfg, **kw)
     self.post_attention_layernorm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps,
@@ -85,14 +89,14 @@ class MTPLayer(nnx.Module):
   """
 
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, param_dtype=jnp.float32,
-               fp8: bool = False):
+               fp8: bool = False, fp8_backend: Fp8Backend | None = None):
     d = cfg.hidden_size
     self.enorm = RMSNorm(d, eps=cfg.rms_norm_eps, param_dtype=param_dtype)
     self.hnorm = RMSNorm(d, eps=cfg.rms_norm_eps, param_dtype=param_dtype)
     self.eh_proj = Linear(2 * d, d, axes=("embed", "embed2"), rngs=rngs,
                           std=cfg.initializer_range, param_dtype=param_dtype)
     self.block = DecoderLayer(cfg, moe=cfg.n_routed_experts > 0, rngs=rngs,
-                              param_dtype=param_dtype, fp8=fp8)
+                              param_dtype=param_dtype, fp8=fp8, fp8_backend=fp8_backend)
     self.shared_head_norm = RMSNorm(d, eps=cfg.rms_norm_eps, param_dtype=param_dtype)
 
   def __call__(self, h_prev, emb_next, positions, cache: LayerCache | None = None,
@@ -114,14 +118,23 @@ class Transformer(nnx.Module):
     dtype: activation (compute) dtype.
     fp8: store attention/MLP/expert projections as e4m3 + 128×128 block scales
       (default: cfg.fp8, i.e. the checkpoint has a quantization_config).
+    fp8_backend: how FP8 projections run: "auto" (Mosaic kernels on Hopper, Triton kernels on
+      other FP8-capable CUDA GPUs, else "xla"), "xla" (dequantize, then matmul), "triton" or
+      "mosaic" (see pallas_kernels.fp8_ops). Resolved once here and logged.
   """
 
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, param_dtype=jnp.float32,
-               dtype=jnp.float32, fp8: bool | None = None):
+               dtype=jnp.float32, fp8: bool | None = None, fp8_backend: str = "auto"):
     fp8 = cfg.fp8 if fp8 is None else fp8
     self.cfg = cfg
     self.dtype = dtype
-    kw = dict(param_dtype=param_dtype, fp8=fp8)
+    backend = resolve_backend(fp8_backend, scale_fmt=cfg.quantization.scale_fmt
+                              if cfg.quantization is not None else None)
+    if fp8:
+      log.info("FP8 projections: fp8_backend=%r resolved to %s", fp8_backend, backend)
+    else:
+      log.info("bf16/f32 projections (fp8=False): fp8_backend=%r unused", fp8_backend)
+    kw = dict(param_dtype=param_dtype, fp8=fp8, fp8_backend=backend)
     self.embed_tokens = Embed(cfg.vocab_size, cfg.hidden_size, rngs=rngs,
                               std=cfg.initializer_range, param_dtype=param_dtype)
     self.dense_layers = _stack(cfg.num_dense_layers,

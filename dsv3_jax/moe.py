@@ -15,6 +15,7 @@ from flax import nnx
 
 from dsv3_jax.config import ModelConfig
 from dsv3_jax.layers import Linear, _normal, dequantize_blocks, param, quantize_blocks
+from pallas_kernels.fp8_ops import Fp8Backend, fp8_grouped_linear
 
 _RAGGED_DIMS = jax.lax.RaggedDotDimensionNumbers(
     dot_dimension_numbers=(((1,), (2,)), ((), ())),  # x [M, K] · w [E, N, K] over K
@@ -27,8 +28,8 @@ class MLP(nnx.Module):
   """SwiGLU MLP: down(silu(gate(x)) · up(x)). x: [..., D] → [..., D]."""
 
   def __init__(self, dim: int, hidden: int, *, rngs: nnx.Rngs, std: float,
-               param_dtype=jnp.float32, fp8: bool = False):
-    lin = dict(rngs=rngs, std=std, param_dtype=param_dtype, fp8=fp8)
+               param_dtype=jnp.float32, fp8: bool = False, fp8_backend: Fp8Backend | None = None):
+    lin = dict(rngs=rngs, std=std, param_dtype=param_dtype, fp8=fp8, fp8_backend=fp8_backend)
     self.gate_proj = Linear(dim, hidden, axes=("mlp", "embed"), **lin)
     self.up_proj = Linear(dim, hidden, axes=("mlp", "embed"), **lin)
     self.down_proj = Linear(hidden, dim, axes=("embed", "mlp"), **lin)
@@ -85,7 +86,8 @@ class Router(nnx.Module):
 
 
 def grouped_matmul(x: jax.Array, w: jax.Array, group_sizes: jax.Array,
-                   scale_inv: jax.Array | None = None) -> jax.Array:
+                   scale_inv: jax.Array | None = None,
+                   fp8_backend: Fp8Backend | None = None) -> jax.Array:
   """Rows of x sorted by group times their group's weight: y[i] = x[i] · w[g(i)]ᵀ.
 
   Args:
@@ -93,9 +95,13 @@ def grouped_matmul(x: jax.Array, w: jax.Array, group_sizes: jax.Array,
     w: [E, N, K] per-group weights (e4m3 when scale_inv is given).
     group_sizes: [E] int32, summing to M.
     scale_inv: optional [E, ceil(N/128), ceil(K/128)] FP8 block scales.
+    fp8_backend: with FP8 weights, "triton"/"mosaic" run the grouped FP8 Pallas kernel on
+      activations quantized per 1×128 tile; "xla" (default) dequantizes the weights.
   Returns:
     [M, N] in x.dtype (float32 accumulation).
   """
+  if scale_inv is not None and fp8_backend is not None and fp8_backend.kind != "xla":
+    return fp8_grouped_linear(x, w, scale_inv, group_sizes, backend=fp8_backend)
   if scale_inv is not None:
     w = dequantize_blocks(w, scale_inv, x.dtype)
   y = jax.lax.ragged_dot_general(x, w.astype(x.dtype), group_sizes, _RAGGED_DIMS,
@@ -108,8 +114,9 @@ class Experts(nnx.Module):
   gate_proj, up_proj [E, F, D]; down_proj [E, D, F]; FP8 adds `*_scale_inv` block scales."""
 
   def __init__(self, num: int, dim: int, hidden: int, *, rngs: nnx.Rngs, std: float,
-               param_dtype=jnp.float32, fp8: bool = False):
+               param_dtype=jnp.float32, fp8: bool = False, fp8_backend: Fp8Backend | None = None):
     self.num_experts = num
+    self.fp8_backend = fp8_backend or Fp8Backend()
     shapes = {"gate_proj": ((num, hidden, dim), ("expert", "mlp", "embed")),
               "up_proj": ((num, hidden, dim), ("expert", "mlp", "embed")),
               "down_proj": ((num, dim, hidden), ("expert", "embed", "mlp"))}
@@ -126,7 +133,7 @@ class Experts(nnx.Module):
   def _mm(self, x, name, group_sizes):
     scale = getattr(self, name + "_scale_inv")
     return grouped_matmul(x, getattr(self, name)[...], group_sizes,
-                          None if scale is None else scale[...])
+                          None if scale is None else scale[...], self.fp8_backend)
 
   def __call__(self, x: jax.Array, routing: Routing) -> jax.Array:
     """Dropless dispatch: every token reaches all of its K experts.
@@ -173,13 +180,13 @@ class MoE(nnx.Module):
   """Routed experts (weighted, scaled) + shared experts (unweighted). x: [B, T, D] → [B, T, D]."""
 
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, param_dtype=jnp.float32,
-               fp8: bool = False):
+               fp8: bool = False, fp8_backend: Fp8Backend | None = None):
     std = cfg.initializer_range
+    kw = dict(rngs=rngs, std=std, param_dtype=param_dtype, fp8=fp8, fp8_backend=fp8_backend)
     self.gate = Router(cfg, rngs=rngs, param_dtype=param_dtype)
     self.experts = Experts(cfg.n_routed_experts, cfg.hidden_size, cfg.moe_intermediate_size,
-                           rngs=rngs, std=std, param_dtype=param_dtype, fp8=fp8)
-    self.shared_experts = (MLP(cfg.hidden_size, cfg.shared_intermediate_size, rngs=rngs, std=std,
-                               param_dtype=param_dtype, fp8=fp8)
+                           **kw)
+    self.shared_experts = (MLP(cfg.hidden_size, cfg.shared_intermediate_size, **kw)
                            if cfg.n_shared_experts else None)
 
   def __call__(self, x: jax.Array) -> jax.Array:
