@@ -87,3 +87,15 @@ def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=jnp.bfloat16,
 def cache_bytes_per_token(cfg: ModelConfig, dtype=jnp.bfloat16) -> int:
   """Bytes the compressed cache holds per token for the main model's layers."""
   return cfg.num_hidden_layers * cfg.cache_values_per_token * jnp.dtype(dtype).itemsize
+
+
+def concat_rows(caches: "list[Cache]") -> Cache:
+  """Joins caches of row blocks into one (batch axis: 1 for stacked groups, 0 for MTP)."""
+  def join(axis):
+    return lambda *xs: jnp.concatenate(xs, axis=axis)
+  first = caches[0]
+  return Cache(
+      dense=None if first.dense is None else jax.tree.map(join(1), *[c.dense for c in caches]),
+      moe=None if first.moe is None else jax.tree.map(join(1), *[c.moe for c in caches]),
+      mtp=tuple(jax.tree.map(join(0), *[c.mtp[i] for c in caches]) for i in range(len(first.mtp))),
+  )

@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from dsv3_jax.cache import Cache, init_cache
+from dsv3_jax.cache import Cache, concat_rows, init_cache
 from dsv3_jax.sampling import SamplingParams, sample
 
 log = logging.getLogger(__name__)
@@ -157,9 +157,12 @@ class Engine:
     mtp: draft with the model's first MTP module (needs num_nextn_predict_layers ≥ 1).
     chunk: decode steps per jitted call (one host sync per chunk).
     cache_dtype: dtype of the compressed cache (default: the model's compute dtype).
+    prefill_tokens: prompts are prefilled in row blocks of at most this many (padded) tokens,
+      which bounds prefill's activation memory for large batches.
   """
 
-  def __init__(self, model, *, mtp: bool = False, chunk: int = 8, cache_dtype=None):
+  def __init__(self, model, *, mtp: bool = False, chunk: int = 8, cache_dtype=None,
+               prefill_tokens: int = 8192):
     if mtp and not len(model.mtp):
       raise ValueError("--mtp needs a model with an MTP module (num_nextn_predict_layers ≥ 1); "
                        "this checkpoint has none")
@@ -168,6 +171,7 @@ class Engine:
     self.mtp = mtp
     self.chunk = chunk
     self.cache_dtype = cache_dtype or model.dtype
+    self.prefill_tokens = prefill_tokens
 
   def plan_cache_len(self, longest_prompt: int, max_new_tokens: int) -> int:
     """Cache slots needed: the prompt bucket, the new tokens and a speculative margin."""
@@ -236,12 +240,20 @@ class Engine:
         on_tokens(row, kept)
 
     key = jax.random.key(seed)
-    cache = init_cache(self.cfg, batch, cache_len, self.cache_dtype, with_mtp=self.mtp)
     t0 = time.perf_counter()
     key, k = jax.random.split(key)
-    first, draft, cache = _prefill(self.graphdef, self.params, jnp.asarray(tokens),
-                                   jnp.asarray(lengths, jnp.int32), cache, k,
-                                   sampling=sampling, mtp=self.mtp)
+    block = max(1, self.prefill_tokens // width)
+    parts = []
+    for r0 in range(0, batch, block):  # row blocks bound prefill memory; same key per block
+      rows = slice(r0, min(r0 + block, batch))
+      cache = init_cache(self.cfg, rows.stop - r0, cache_len, self.cache_dtype, with_mtp=self.mtp)
+      parts.append(_prefill(self.graphdef, self.params, jnp.asarray(tokens[rows]),
+                            jnp.asarray(lengths[rows], jnp.int32), cache,
+                            jax.random.fold_in(k, r0), sampling=sampling, mtp=self.mtp))
+    first = jnp.concatenate([p[0] for p in parts])
+    draft = jnp.concatenate([p[1] for p in parts])
+    cache = parts[0][2] if len(parts) == 1 else concat_rows([p[2] for p in parts])
+    del parts
     first_host = np.asarray(first)
     stats.time_to_first_token_s = time.perf_counter() - t0
     for i in range(batch):

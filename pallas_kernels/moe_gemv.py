@@ -24,7 +24,8 @@ BLOCK = 128
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class TuningConfig:
-  block_n: int = 64    # output columns per program (divides 128, so one scale block per tile)
+  block_n: int = 32    # output columns per program (divides 128, so one scale block per tile);
+                       # 32 was fastest at one V2-Lite token on an H100 (docs/benchmarks.md)
   block_k: int = 128   # reduction slab (one scale block)
   num_warps: int = 4
   num_stages: int = 4

@@ -139,3 +139,10 @@ def test_bad_requests(model):
     engine.generate([list(range(200))], max_new_tokens=100)
   with pytest.raises(ValueError, match="temperature"):
     SamplingParams(temperature=-1)
+
+
+def test_prefill_in_row_blocks_changes_nothing(model):
+  one, _ = Engine(model, chunk=4, mtp=True).generate(PROMPTS, max_new_tokens=6)
+  blocks, _ = Engine(model, chunk=4, mtp=True, prefill_tokens=16).generate(PROMPTS,
+                                                                            max_new_tokens=6)
+  assert [o.output_ids for o in blocks] == [o.output_ids for o in one]
