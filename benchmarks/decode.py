@@ -1,6 +1,6 @@
 """Decode throughput of a DeepSeek-V2-Lite-shaped model (random weights) against the HBM roofline.
 
-For bf16 and FP8 weights and each batch size: a 512-token prompt, then 256 greedy tokens through
+For bf16 and FP8 weights (Pallas kernels, or XLA dequantization) and each batch size: a 512-token prompt, then 256 greedy tokens through
 dsv3_jax.generate.Engine (bucketed prefill, chunked decode over the compressed MLA cache).
 Reported: decode tok/s (all rows), ms per decode step, and the roofline time of one step =
 bytes actually read (weights used by the step: everything but the embedding table and the routed
@@ -40,14 +40,15 @@ def copy_bandwidth() -> float:
   return 2 * x.nbytes * 20 / (time.perf_counter() - t0)
 
 
-def random_model(cfg, dtype, fp8: bool):
+def random_model(cfg, dtype, fp8: bool, fp8_backend: str = "auto"):
   """Random weights straight in their storage dtype, one parameter at a time (no fp32 copy)."""
   import jax
   import jax.numpy as jnp
   from flax import nnx
   from dsv3_jax.model import Transformer
 
-  make = lambda: Transformer(cfg, rngs=nnx.Rngs(0), param_dtype=dtype, dtype=dtype, fp8=fp8)
+  make = lambda: Transformer(cfg, rngs=nnx.Rngs(0), param_dtype=dtype, dtype=dtype, fp8=fp8,
+                             fp8_backend=fp8_backend)
   graphdef, state = nnx.split(nnx.eval_shape(make))
   flat = nnx.to_flat_state(state)
   for i, (path, var) in enumerate(flat):
@@ -99,7 +100,8 @@ def run_jax(args) -> dict:
   rows = []
   for precision in args.precisions:
     t0 = time.perf_counter()
-    model = random_model(cfg, jnp.bfloat16, fp8=precision == "fp8")
+    model = random_model(cfg, jnp.bfloat16, fp8=precision != "bf16",
+                         fp8_backend="xla" if precision == "fp8-xla" else "auto")
     print(f"{precision}: random model built in {time.perf_counter() - t0:.0f}s", flush=True)
     engine = Engine(model, chunk=args.chunk)
     max_len = args.prompt + args.new_tokens + 64
@@ -167,7 +169,9 @@ def main():
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   ap.add_argument("--hf", action="store_true", help="time HF transformers (torch) instead")
   ap.add_argument("--config", default=CONFIG, help="model shape (default: V2-Lite 16B)")
-  ap.add_argument("--precisions", nargs="+", default=["bf16", "fp8"], choices=["bf16", "fp8"])
+  ap.add_argument("--precisions", nargs="+", default=["bf16", "fp8", "fp8-xla"],
+                  choices=["bf16", "fp8", "fp8-xla"],
+                  help="fp8: FP8 weights on the auto kernel backend; fp8-xla: dequantize in XLA")
   ap.add_argument("--batches", nargs="+", type=int, default=[1, 8, 32])
   ap.add_argument("--prompt", type=int, default=512)
   ap.add_argument("--new-tokens", type=int, default=256)

@@ -98,7 +98,10 @@ class Linear(nnx.Module):
 
   def __call__(self, x: jax.Array, out_dtype=None) -> jax.Array:
     """x: [..., in] → [..., out] in out_dtype (default x.dtype), float32 accumulation."""
-    if self.weight_scale_inv is not None and self.fp8_backend.kind != "xla":
+    # the kernels quantize activations in 1×128 tiles: K must be a multiple of 128 (true of
+    # every V3 projection; V2-Lite's 10944-wide dense MLP takes the XLA path)
+    if (self.weight_scale_inv is not None and self.fp8_backend.kind != "xla"
+        and self.in_features % FP8_BLOCK == 0):
       return fp8_linear(x, self.weight[...], self.weight_scale_inv[...],
                         backend=self.fp8_backend, out_dtype=out_dtype or x.dtype)
     w = self.dense_weight(x.dtype)

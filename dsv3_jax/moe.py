@@ -16,7 +16,6 @@ from flax import nnx
 from dsv3_jax.config import ModelConfig
 from dsv3_jax.layers import Linear, _normal, dequantize_blocks, param, quantize_blocks
 from pallas_kernels.fp8_ops import Fp8Backend, fp8_grouped_linear
-from pallas_kernels.moe_gemv import moe_gemv
 
 _RAGGED_DIMS = jax.lax.RaggedDotDimensionNumbers(
     dot_dimension_numbers=(((1,), (2,)), ((), ())),  # x [M, K] · w [E, N, K] over K
@@ -101,7 +100,8 @@ def grouped_matmul(x: jax.Array, w: jax.Array, group_sizes: jax.Array,
   Returns:
     [M, N] in x.dtype (float32 accumulation).
   """
-  if scale_inv is not None and fp8_backend is not None and fp8_backend.kind != "xla":
+  if (scale_inv is not None and fp8_backend is not None and fp8_backend.kind != "xla"
+      and x.shape[-1] % 128 == 0):
     return fp8_grouped_linear(x, w, scale_inv, group_sizes, backend=fp8_backend)
   if scale_inv is not None:
     w = dequantize_blocks(w, scale_inv, x.dtype)
@@ -162,10 +162,6 @@ class Experts(nnx.Module):
 
 
   def _gathered(self, x, routing):
-    backend = self.fp8_backend
-    f, d = self.gate_proj[...].shape[-2:]
-    if backend.kind != "xla" and d % 128 == 0 and f % 128 == 0:
-      return self._gathered_kernel(x, routing)
 
     def weight(name):
       w = jnp.take(getattr(self, name)[...], routing.experts, axis=0)  # [M, K, ...]
@@ -180,24 +176,6 @@ class Experts(nnx.Module):
     h = h.astype(x.dtype).astype(jnp.float32)  # round like the sorted path's bf16 activations
     y = (h[:, :, None, :] * weight("down_proj")).sum(-1).astype(x.dtype)  # [M, K, D]
     return jnp.einsum("mkd,mk->md", y.astype(jnp.float32), routing.weights).astype(x.dtype)
-
-
-  def _gathered_kernel(self, x, routing):
-    """The few-rows path on GPUs: the expert-indexed GEMV kernel reads each chosen expert's
-    weight (bf16, or e4m3 + block scales) straight from HBM."""
-    m, k = routing.experts.shape
-    ids = routing.experts.reshape(-1)
-    rows = jnp.repeat(x, k, axis=0)                                   # [M·K, D]
-    interpret = self.fp8_backend.interpret
-
-    def mm(h, name):
-      s = getattr(self, name + "_scale_inv")
-      return moe_gemv(h, ids, getattr(self, name)[...], None if s is None else s[...],
-                      out_dtype=jnp.float32, interpret=interpret)
-
-    h = (jax.nn.silu(mm(rows, "gate_proj")) * mm(rows, "up_proj")).astype(x.dtype)
-    y = mm(h, "down_proj").reshape(m, k, -1)
-    return jnp.einsum("mkd,mk->md", y, routing.weights).astype(x.dtype)
 
 
 class MoE(nnx.Module):
