@@ -37,18 +37,25 @@ def _positions(tokens, start=None):
   return jnp.broadcast_to(pos, tokens.shape)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef",))
-def forward(graphdef, params, tokens: jax.Array):
+@functools.partial(jax.jit, static_argnames=("graphdef", "with_aux"))
+def forward(graphdef, params, tokens: jax.Array, with_aux: bool = False):
   """Training/scoring forward over full sequences.
 
   Args:
     tokens: [B, T] int32.
+    with_aux: also return the routing statistics (training; see dsv3_jax.balance).
   Returns:
-    (logits [B, T, V] float32, tuple of MTP logits, depth k: [B, T-k, V] float32).
+    (logits [B, T, V] float32, tuple of MTP logits, depth k: [B, T-k, V] float32), plus with
+    `with_aux` a dict {"moe_layers": RoutingStats stacked on [L] or None,
+    "mtp": tuple of RoutingStats, one per MTP depth}.
   """
   model = merge(graphdef, params)
-  h, _ = model.hidden(tokens)
-  return model.head(h), tuple(model.mtp_logits(h, tokens))
+  if not with_aux:
+    h, _ = model.hidden(tokens)
+    return model.head(h), tuple(model.mtp_logits(h, tokens))
+  h, _, stats = model.hidden(tokens, with_aux=True)
+  mtp, mtp_stats = model.mtp_logits(h, tokens, with_aux=True)
+  return model.head(h), tuple(mtp), {"moe_layers": stats, "mtp": mtp_stats}
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef",), donate_argnames=("cache",))

@@ -28,20 +28,27 @@ class DecoderLayer(nnx.Module):
   """Pre-norm block: x + attn(norm(x)), then h + mlp(norm(h)). x: [B, T, D] → [B, T, D]."""
 
   def __init__(self, cfg: ModelConfig, *, moe: bool, rngs: nnx.Rngs, param_dtype=jnp.float32,
-               fp8: bool = False, fp8_backend: Fp8Backend | None = None):
+               fp8: bool = False, fp8_backend: Fp8Backend | None = None, expert_dispatch=None):
     kw = dict(rngs=rngs, param_dtype=param_dtype, fp8=fp8, fp8_backend=fp8_backend)
     self.input_layernorm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, param_dtype=param_dtype)
     self.self_attn = MLA(cfg, **kw)
     self.post_attention_layernorm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps,
                                             param_dtype=param_dtype)
-    self.mlp = (MoE(cfg, **kw) if moe else
+    self.mlp = (MoE(cfg, dispatch=expert_dispatch, **kw) if moe else
                 MLP(cfg.hidden_size, cfg.intermediate_size, std=cfg.initializer_range, **kw))
 
   def __call__(self, x, positions, cache: LayerCache | None = None, mode: AttnMode = "full",
-               layer=None):
+               layer=None, *, with_aux: bool = False):
+    """Returns (x, cache), or (x, cache, RoutingStats | None for a dense layer) with `with_aux`."""
     h, cache = self.self_attn(self.input_layernorm(x), positions, cache, mode, layer)
     x = x + h
-    return x + self.mlp(self.post_attention_layernorm(x)), cache
+    if not with_aux:
+      return x + self.mlp(self.post_attention_layernorm(x)), cache
+    if isinstance(self.mlp, MoE):
+      y, stats = self.mlp(self.post_attention_layernorm(x), with_aux=True)
+    else:
+      y, stats = self.mlp(self.post_attention_layernorm(x)), None
+    return x + y, cache, stats
 
 
 def _stack(n: int, make: Callable[[nnx.Rngs], nnx.Module], rngs: nnx.Rngs) -> nnx.Module | None:
@@ -57,7 +64,8 @@ def _stack(n: int, make: Callable[[nnx.Rngs], nnx.Module], rngs: nnx.Rngs) -> nn
   return build(rngs)
 
 
-def scan_layers(layers: nnx.Module, x, positions, cache: LayerCache | None, mode: AttnMode):
+def scan_layers(layers: nnx.Module, x, positions, cache: LayerCache | None, mode: AttnMode,
+                *, with_aux: bool = False, remat: str | None = None):
   """Applies a stacked group of DecoderLayers with lax.scan over its leading axis.
 
   The stacked cache rides in the scan carry and each layer scatters only its new tokens into
@@ -65,8 +73,11 @@ def scan_layers(layers: nnx.Module, x, positions, cache: LayerCache | None, mode
 
   Args:
     layers: a module built by _stack; cache: LayerCache with a leading [L] axis, or None.
+    with_aux: also return the layers' routing statistics, stacked on [L] (None for dense).
+    remat: rematerialise each layer in the backward pass with this `jax.checkpoint_policies`
+      policy (e.g. "nothing_saveable"); None saves every activation.
   Returns:
-    (x [B, T, D], the updated stacked cache or None).
+    (x [B, T, D], the updated stacked cache or None), plus the stats with `with_aux`.
   """
   graphdef, state = nnx.split(layers)
   n = jax.tree.leaves(state)[0].shape[0]
@@ -74,11 +85,15 @@ def scan_layers(layers: nnx.Module, x, positions, cache: LayerCache | None, mode
   def body(carry, inputs):
     h, c = carry
     layer_state, i = inputs
-    h, c = nnx.merge(graphdef, layer_state)(h, positions, c, mode, None if c is None else i)
-    return (h, c), None
+    out = nnx.merge(graphdef, layer_state)(h, positions, c, mode, None if c is None else i,
+                                           with_aux=with_aux)
+    return out[:2], (out[2] if with_aux else None)
 
-  (x, cache), _ = jax.lax.scan(body, (x, cache), (state, jnp.arange(n)))
-  return x, cache
+  if remat is not None:
+    body = jax.checkpoint(body, policy=getattr(jax.checkpoint_policies, remat),
+                          prevent_cse=False)
+  (x, cache), stats = jax.lax.scan(body, (x, cache), (state, jnp.arange(n)))
+  return ((x, cache, stats) if with_aux else (x, cache))
 
 
 class MTPLayer(nnx.Module):
@@ -89,23 +104,24 @@ class MTPLayer(nnx.Module):
   """
 
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, param_dtype=jnp.float32,
-               fp8: bool = False, fp8_backend: Fp8Backend | None = None):
+               fp8: bool = False, fp8_backend: Fp8Backend | None = None, expert_dispatch=None):
     d = cfg.hidden_size
     self.enorm = RMSNorm(d, eps=cfg.rms_norm_eps, param_dtype=param_dtype)
     self.hnorm = RMSNorm(d, eps=cfg.rms_norm_eps, param_dtype=param_dtype)
     self.eh_proj = Linear(2 * d, d, axes=("embed", "embed2"), rngs=rngs,
                           std=cfg.initializer_range, param_dtype=param_dtype)
     self.block = DecoderLayer(cfg, moe=cfg.n_routed_experts > 0, rngs=rngs,
-                              param_dtype=param_dtype, fp8=fp8, fp8_backend=fp8_backend)
+                              param_dtype=param_dtype, fp8=fp8, fp8_backend=fp8_backend,
+                              expert_dispatch=expert_dispatch)
     self.shared_head_norm = RMSNorm(d, eps=cfg.rms_norm_eps, param_dtype=param_dtype)
 
   def __call__(self, h_prev, emb_next, positions, cache: LayerCache | None = None,
-               mode: AttnMode = "full"):
+               mode: AttnMode = "full", *, with_aux: bool = False):
     """h_prev: [B, T, D] previous depth's hidden (the main model's AFTER its final norm);
     emb_next: [B, T, D] embeddings of the tokens one step ahead. Returns (block output
-    [B, T, D] before shared_head.norm, cache)."""
+    [B, T, D] before shared_head.norm, cache), plus the block's RoutingStats with `with_aux`."""
     x = self.eh_proj(jnp.concatenate([self.enorm(emb_next), self.hnorm(h_prev)], axis=-1))
-    return self.block(x, positions, cache, mode)
+    return self.block(x, positions, cache, mode, with_aux=with_aux)
 
 
 class Transformer(nnx.Module):
@@ -121,20 +137,26 @@ class Transformer(nnx.Module):
     fp8_backend: how FP8 projections run: "auto" (Mosaic kernels on Hopper, Triton kernels on
       other FP8-capable CUDA GPUs, else "xla"), "xla" (dequantize, then matmul), "triton" or
       "mosaic" (see pallas_kernels.fp8_ops). Resolved once here and logged.
+    expert_dispatch: how MoE layers apply their routed experts (see moe.MoE; e.g.
+      expert_parallel.ExpertParallel); None: the local sorted dispatch.
+    remat: a `jax.checkpoint_policies` name applied per scanned layer (training); None: off.
   """
 
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, param_dtype=jnp.float32,
-               dtype=jnp.float32, fp8: bool | None = None, fp8_backend: str = "auto"):
+               dtype=jnp.float32, fp8: bool | None = None, fp8_backend: str = "auto",
+               expert_dispatch=None, remat: str | None = None):
     fp8 = cfg.fp8 if fp8 is None else fp8
     self.cfg = cfg
     self.dtype = dtype
+    self.remat = remat
     backend = resolve_backend(fp8_backend, scale_fmt=cfg.quantization.scale_fmt
                               if cfg.quantization is not None else None)
     if fp8:
       log.info("FP8 projections: fp8_backend=%r resolved to %s", fp8_backend, backend)
     else:
       log.info("bf16/f32 projections (fp8=False): fp8_backend=%r unused", fp8_backend)
-    kw = dict(param_dtype=param_dtype, fp8=fp8, fp8_backend=backend)
+    kw = dict(param_dtype=param_dtype, fp8=fp8, fp8_backend=backend,
+              expert_dispatch=expert_dispatch)
     self.embed_tokens = Embed(cfg.vocab_size, cfg.hidden_size, rngs=rngs,
                               std=cfg.initializer_range, param_dtype=param_dtype)
     self.dense_layers = _stack(cfg.num_dense_layers,
@@ -156,49 +178,59 @@ class Transformer(nnx.Module):
     return self.lm_head(h, out_dtype=jnp.float32)
 
   def hidden(self, tokens, positions=None, cache: Cache | None = None,
-             mode: AttnMode = "full") -> tuple[jax.Array, Cache | None]:
+             mode: AttnMode = "full", *, with_aux: bool = False):
     """The main model's last hidden state AFTER the final RMSNorm.
 
     Args:
       tokens: [B, T] int token ids; positions: [B, T] (default 0..T-1).
       cache: a Cache to write (and, in "absorbed" mode, to attend over), or None.
+      with_aux: also return the MoE layers' routing statistics (training).
     Returns:
-      (h [B, T, D], the updated cache or None).
+      (h [B, T, D], the updated cache or None), plus with `with_aux` the RoutingStats of the
+      MoE stack (stacked on [L], None without MoE layers).
     """
     if positions is None:
       positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
     x = self.embed(tokens)
-    new_dense = new_moe = None
+    new_dense = new_moe = stats = None
+    run = dict(with_aux=with_aux, remat=self.remat)
     if self.dense_layers is not None:
-      x, new_dense = scan_layers(self.dense_layers, x, positions,
-                                 None if cache is None else cache.dense, mode)
+      x, new_dense, *_ = scan_layers(self.dense_layers, x, positions,
+                                     None if cache is None else cache.dense, mode, **run)
     if self.moe_layers is not None:
-      x, new_moe = scan_layers(self.moe_layers, x, positions,
-                               None if cache is None else cache.moe, mode)
+      x, new_moe, *rest = scan_layers(self.moe_layers, x, positions,
+                                      None if cache is None else cache.moe, mode, **run)
+      stats = rest[0] if with_aux else None
     if cache is not None:
       cache = Cache(dense=new_dense, moe=new_moe, mtp=cache.mtp)
-    return self.norm(x), cache
+    return (self.norm(x), cache, stats) if with_aux else (self.norm(x), cache)
 
-  def mtp_logits(self, h: jax.Array, tokens: jax.Array, positions=None) -> list[jax.Array]:
+  def mtp_logits(self, h: jax.Array, tokens: jax.Array, positions=None, *,
+                 with_aux: bool = False):
     """Training-time MTP predictions (full attention, no cache).
 
     Args:
       h: [B, T, D] main hidden after the final norm; tokens: [B, T].
+      with_aux: also return each MTP block's RoutingStats (training).
     Returns:
       one array per depth k = 1..num_nextn_predict_layers: [B, T-k, V] float32, whose position
-      i predicts token i+k+1.
+      i predicts token i+k+1; with `with_aux`, (that list, a tuple of RoutingStats per depth).
     """
     if positions is None:
       positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
-    out = []
+    out, stats = [], []
     b, t = tokens.shape
     for k, layer in enumerate(self.mtp, start=1):
       if t <= k:  # nothing to predict that far ahead
+        if with_aux:
+          raise ValueError(f"MTP depth {k} needs sequences longer than {k} tokens, got {t}")
         out.append(jnp.zeros((b, 0, self.cfg.vocab_size), jnp.float32))
         continue
-      h, _ = layer(h[:, :-1], self.embed(tokens[:, k:]), positions[:, :-k])
+      h, _, *aux = layer(h[:, :-1], self.embed(tokens[:, k:]), positions[:, :-k],
+                         with_aux=with_aux)
+      stats += aux
       out.append(self.head(layer.shared_head_norm(h)))
-    return out
+    return (out, tuple(stats)) if with_aux else out
 
   def __call__(self, tokens: jax.Array, positions: jax.Array | None = None) -> jax.Array:
     """tokens: [B, T] → logits [B, T, V] float32."""

@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from dsv3_jax.balance import routing_stats
 from dsv3_jax.config import ModelConfig
 from dsv3_jax.layers import Linear, _normal, dequantize_blocks, param, quantize_blocks
 from pallas_kernels.fp8_ops import Fp8Backend, fp8_grouped_linear
@@ -179,11 +180,17 @@ class Experts(nnx.Module):
 
 
 class MoE(nnx.Module):
-  """Routed experts (weighted, scaled) + shared experts (unweighted). x: [B, T, D] → [B, T, D]."""
+  """Routed experts (weighted, scaled) + shared experts (unweighted). x: [B, T, D] → [B, T, D].
+
+  `dispatch(experts, x [M, D], routing) → [M, D]` applies the routed experts; None: the local
+  sorted dispatch (`Experts.__call__`). Expert parallelism passes an
+  `expert_parallel.ExpertParallel` here.
+  """
 
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, param_dtype=jnp.float32,
-               fp8: bool = False, fp8_backend: Fp8Backend | None = None):
+               fp8: bool = False, fp8_backend: Fp8Backend | None = None, dispatch=None):
     std = cfg.initializer_range
+    self.dispatch = dispatch
     kw = dict(rngs=rngs, std=std, param_dtype=param_dtype, fp8=fp8, fp8_backend=fp8_backend)
     self.gate = Router(cfg, rngs=rngs, param_dtype=param_dtype)
     self.experts = Experts(cfg.n_routed_experts, cfg.hidden_size, cfg.moe_intermediate_size,
@@ -191,13 +198,20 @@ class MoE(nnx.Module):
     self.shared_experts = (MLP(cfg.hidden_size, cfg.shared_intermediate_size, **kw)
                            if cfg.n_shared_experts else None)
 
-  def __call__(self, x: jax.Array) -> jax.Array:
+  def __call__(self, x: jax.Array, *, with_aux: bool = False):
+    """x: [B, T, D] → y [B, T, D], or (y, balance.RoutingStats) with `with_aux`."""
     shape = x.shape
     xt = x.reshape(-1, shape[-1])
-    y = self.experts(xt, self.gate(xt))
+    routing = self.gate(xt)
+    y = (self.experts(xt, routing) if self.dispatch is None
+         else self.dispatch(self.experts, xt, routing))
     if self.shared_experts is not None:
       y = y + self.shared_experts(xt)
-    return y.reshape(shape)
+    if not with_aux:
+      return y.reshape(shape)
+    stats = routing_stats(routing.scores.reshape(*shape[:-1], -1),
+                          routing.experts.reshape(*shape[:-1], -1), self.experts.num_experts)
+    return y.reshape(shape), stats
 
 
 def dense_moe_reference(moe: MoE, x: jax.Array) -> jax.Array:
