@@ -18,8 +18,10 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 MESH_AXES = ("data", "fsdp", "tensor", "expert")
 
 # Training: weights sharded over fsdp (the model width) and tensor (heads / FFN / vocab);
-# experts over the expert axis.
-TRAIN_RULES: tuple[tuple[str, str | None], ...] = (
+# experts over the expert axis; the batch over data × fsdp × expert (expert parallelism
+# exchanges tokens within the expert axis, see expert_parallel.py).
+TRAIN_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
+    ("batch", ("data", "fsdp", "expert")),
     ("layers", None),
     ("vocab", "tensor"),
     ("embed", "fsdp"),
@@ -32,7 +34,7 @@ TRAIN_RULES: tuple[tuple[str, str | None], ...] = (
     ("norm", None),
 )
 # Inference: no fsdp gather per step; tensor and expert parallelism only.
-INFER_RULES: tuple[tuple[str, str | None], ...] = tuple(
+INFER_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = tuple(
     (name, None if axis == "fsdp" else axis) for name, axis in TRAIN_RULES)
 
 
@@ -49,18 +51,24 @@ def make_mesh(*, data: int = 1, fsdp: int = 1, tensor: int = 1, expert: int = 1,
 
 def logical_to_spec(axes: Sequence[str | None] | None, shape: Sequence[int], mesh: Mesh,
                     rules=TRAIN_RULES) -> P:
-  """PartitionSpec for a value with logical `axes`; undivisible or reused mesh axes replicate."""
+  """PartitionSpec for a value with logical `axes`; undivisible or reused mesh axes replicate.
+
+  A rule may name several mesh axes (the batch: data × fsdp × expert); the dimension is then
+  split over all of them, or replicated if their product does not divide it.
+  """
   if not axes:
     return P()
   table = dict(rules)
   used, spec = set(), []
   for name, dim in zip(axes, shape):
     axis = table.get(name) if name else None
-    if axis is None or axis in used or dim % mesh.shape[axis]:
+    group = (axis,) if isinstance(axis, str) else tuple(axis or ())
+    size = math.prod(mesh.shape[a] for a in group)
+    if not group or used & set(group) or dim % size:
       spec.append(None)
     else:
       spec.append(axis)
-      used.add(axis)
+      used.update(group)
   return P(*spec)
 
 
@@ -77,3 +85,23 @@ def param_shardings(state: nnx.State, mesh: Mesh, rules=TRAIN_RULES):
 def shard_params(state: nnx.State, mesh: Mesh, rules=TRAIN_RULES) -> nnx.State:
   """Places every parameter on the mesh according to the rules."""
   return jax.device_put(state, param_shardings(state, mesh, rules))
+
+
+def parse_mesh(text: str) -> dict[str, int]:
+  """'data=2,expert=4' → {'data': 2, 'expert': 4} (axes not named have size 1; '' → {})."""
+  sizes: dict[str, int] = {}
+  for part in filter(None, (p.strip() for p in text.split(","))):
+    name, eq, value = part.partition("=")
+    name = name.strip()
+    if not eq or name not in MESH_AXES or not value.strip().isdigit() or int(value) < 1:
+      raise ValueError(f"bad mesh entry {part!r} in {text!r}: expected AXIS=SIZE with AXIS one of "
+                       f"{MESH_AXES} and SIZE >= 1, e.g. 'data=2,expert=4'")
+    if name in sizes:
+      raise ValueError(f"mesh axis {name!r} given twice in {text!r}")
+    sizes[name] = int(value)
+  return sizes
+
+
+def batch_sharding(mesh: Mesh, ndim: int = 2, rules=TRAIN_RULES) -> NamedSharding:
+  """Sharding of a [B, ...] batch: B over the rule for 'batch' (data × fsdp × expert)."""
+  return NamedSharding(mesh, P(dict(rules)["batch"], *([None] * (ndim - 1))))
