@@ -1,0 +1,264 @@
+"""Training: balance loss and bias rule by hand, the loss falls, a sharded step equals the
+single-device step, SIGKILL + --resume reproduces the uninterrupted loss sequence, NaN stops,
+the HF export loads back."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from conftest import REPO, fixture_path
+from dsv3_jax import core, from_hf_pretrained, load_config
+from dsv3_jax.balance import bias_delta, sequence_balance_loss, update_biases
+from dsv3_jax.expert_parallel import ExpertParallel
+from dsv3_jax.sharding import batch_sharding, make_mesh
+from dsv3_jax.train_step import (Objective, OptimizerConfig, init_train_state, make_train_step,
+                                 state_shardings)
+
+
+def _cfg(**changes):
+  return load_config(fixture_path("tiny_v3")).replace(**changes)
+
+
+def test_balance_loss_hand_computed():
+  # E = 4 experts, K = 2, T = 2 tokens, two sequences.
+  scores = jnp.array([[[1.0, 0.4, 0.4, 0.2],     # s' = [.5 .2 .2 .1]
+                       [0.1, 0.3, 0.4, 0.2]],    # s' = [.1 .3 .4 .2]
+                      [[0.3, 0.3, 0.3, 0.3],     # s' = [.25 .25 .25 .25]
+                       [0.5, 0.0, 0.0, 1.5]]])   # s' = [.25 0 0 .75]
+  experts = jnp.array([[[0, 1], [2, 1]],
+                       [[3, 0], [3, 2]]], jnp.int32)
+  # seq 0: counts [1 2 1 0], f = 4/(2·2)·counts = counts; P = [.3 .25 .3 .15] → 0.3+0.5+0.3 = 1.1
+  # seq 1: counts [1 0 1 2];                      P = [.25 .125 .125 .5] → 0.25+0.125+1.0 = 1.375
+  got = sequence_balance_loss(scores, experts, 4)
+  np.testing.assert_allclose(float(got), (1.1 + 1.375) / 2, rtol=1e-6)
+  # the gradient flows through P only: d/ds of f_i·s_i/Σs for seq 0 token 0
+  g = jax.grad(lambda s: sequence_balance_loss(s, experts, 4))(scores)
+  f0, s0 = np.array([1.0, 2.0, 1.0, 0.0]), np.array([1.0, 0.4, 0.4, 0.2])
+  want = (f0 / s0.sum() - (f0 * s0).sum() / s0.sum() ** 2) / 2 / 2  # mean over T, then over B
+  np.testing.assert_allclose(np.asarray(g[0, 0]), want, rtol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def tiny_trainer():
+  """The tiny config's initial state and one compiled (non-donating) step, shared."""
+  cfg = _cfg()
+  oc = OptimizerConfig(lr=1e-2, warmup_steps=5, total_steps=40)
+  graphdef, state = init_train_state(cfg, oc, seed=0, dtype=jnp.float32)
+  return cfg, graphdef, state, make_train_step(graphdef, oc, Objective(bias_gamma=0.01),
+                                               donate=False)
+
+
+def test_bias_update_direction(tiny_trainer):
+  load = jnp.array([[10.0, 2.0, 6.0, 6.0], [0.0, 0.0, 0.0, 24.0]])  # means 6 and 6
+  np.testing.assert_allclose(np.asarray(bias_delta(load, 0.01)),
+                             [[-0.01, 0.01, 0.0, 0.0], [0.01, 0.01, 0.01, -0.01]])
+  # in a real step: the step's new biases = old + γ·sign(mean load − load) of that step's routing
+  cfg, graphdef, state, step = tiny_trainer
+  tokens = _pattern_batch(100, 8, 16, cfg.vocab_size)
+  model_state = nnx.merge_state(state.biases, state.params)
+  _, _, aux = core.forward(graphdef, model_state, tokens[:, :-1], with_aux=True)
+  new, _ = step(state, tokens)
+  old_b = state.biases["moe_layers"]["mlp"]["gate"]["e_score_correction_bias"][...]
+  new_b = new.biases["moe_layers"]["mlp"]["gate"]["e_score_correction_bias"][...]
+  load = np.asarray(aux["moe_layers"].load)
+  assert load.shape == (cfg.num_moe_layers, cfg.n_routed_experts)
+  assert load.sum() == 8 * 16 * cfg.num_experts_per_tok * cfg.num_moe_layers
+  want = np.asarray(old_b) + 0.01 * np.sign(load.mean(-1, keepdims=True) - load)
+  np.testing.assert_allclose(np.asarray(new_b), want, atol=1e-7)
+  assert np.any(np.asarray(new_b) > 0) and np.any(np.asarray(new_b) < 0)
+  mtp_new = new.biases["mtp"][0]["block"]["mlp"]["gate"]["e_score_correction_bias"][...]
+  mtp_load = np.asarray(aux["mtp"][0].load)
+  np.testing.assert_allclose(np.asarray(mtp_new), 0.01 * np.sign(mtp_load.mean() - mtp_load),
+                             atol=1e-7)
+  with pytest.raises(ValueError, match="no routing statistics"):
+    update_biases(state.biases, {"moe_layers": None, "mtp": ()}, 0.01)
+
+
+def _pattern_batch(step, batch, seq, vocab):
+  """Learnable sequences: t_{i+1} = (3·t_i + 7) mod V from a random start."""
+  rng = np.random.default_rng(step)
+  t = np.empty((batch, seq + 1), np.int32)
+  t[:, 0] = rng.integers(0, vocab, batch)
+  for i in range(seq):
+    t[:, i + 1] = (3 * t[:, i] + 7) % vocab
+  return jnp.asarray(t)
+
+
+def test_loss_falls_on_tiny_config(tiny_trainer):
+  cfg, _, state, step = tiny_trainer
+  history = []
+  for i in range(40):
+    state, m = step(state, _pattern_batch(i, 8, 16, cfg.vocab_size))
+    history.append({k: float(v) for k, v in m.items()})
+  first, last = history[0], history[-1]
+  assert first["ce"] > 5.0  # ~ln(256) at initialization
+  assert last["ce"] < 0.5 * first["ce"], (first["ce"], last["ce"])
+  assert last["mtp_ce"] < 0.5 * first["mtp_ce"], (first["mtp_ce"], last["mtp_ce"])
+  assert all(np.isfinite(h["loss"]) and h["grad_norm"] > 0 for h in history)
+  np.testing.assert_allclose(last["loss"], last["ce"] + 0.3 * last["mtp_ce"]
+                             + last["balance_loss"], rtol=1e-6)
+
+
+_SHARD_CFG = dict(n_routed_experts=8, n_group=4, topk_group=2)
+_SHARD_OC = OptimizerConfig(lr=3e-3, warmup_steps=1, total_steps=10)
+
+
+@pytest.fixture(scope="module")
+def single_device_run():
+  """Three steps on one device: (tokens, [(state, metrics) after each step])."""
+  cfg = _cfg(**_SHARD_CFG)
+  tokens = [jax.random.randint(jax.random.key(i), (8, 13), 0, cfg.vocab_size) for i in range(3)]
+  graphdef, state = init_train_state(cfg, _SHARD_OC, seed=3, dtype=jnp.float32)
+  step = make_train_step(graphdef, _SHARD_OC)
+  out = []
+  for t in tokens:
+    state, m = step(state, t)
+    out.append((jax.device_get(state), jax.device_get(m)))
+  return tokens, out
+
+
+@pytest.mark.parametrize("mesh_shape,capacity", [
+    (dict(data=2, expert=4), None),
+    (dict(fsdp=2, tensor=2, expert=2), 100.0),  # capacity so large that nothing is dropped
+])
+def test_sharded_step_equals_single_device(single_device_run, mesh_shape, capacity):
+  cfg, oc = _cfg(**_SHARD_CFG), _SHARD_OC
+  tokens, reference = single_device_run
+  mesh = make_mesh(**mesh_shape)
+  ep = ExpertParallel(mesh, capacity_factor=capacity)
+  graphdef2, state2 = init_train_state(cfg, oc, seed=3, mesh=mesh, dtype=jnp.float32,
+                                       expert_dispatch=ep)
+  spec = state2.params["moe_layers"]["mlp"]["experts"]["gate_proj"][...].sharding.spec
+  assert spec[1] == "expert"
+  step2 = make_train_step(graphdef2, oc, shardings=state_shardings(state2))
+  for t, (state, m) in zip(tokens, reference):
+    state2, m2 = step2(state2, jax.device_put(t, batch_sharding(mesh)))
+    for k in ("loss", "ce", "mtp_ce", "balance_loss", "grad_norm", "load_imbalance"):
+      np.testing.assert_allclose(float(m2[k]), float(m[k]), rtol=2e-5, err_msg=k)
+  flat = dict(nnx.to_flat_state(state.params))
+  for path, var in nnx.to_flat_state(state2.params):
+    np.testing.assert_allclose(np.asarray(var.get_value()), np.asarray(flat[path].get_value()),
+                               rtol=1e-4, atol=2e-6, err_msg=str(path))
+  np.testing.assert_array_equal(
+      np.asarray(state2.biases["moe_layers"]["mlp"]["gate"]["e_score_correction_bias"][...]),
+      np.asarray(state.biases["moe_layers"]["mlp"]["gate"]["e_score_correction_bias"][...]))
+
+
+# ---- train.py in subprocesses ----------------------------------------------------------------
+@pytest.fixture(scope="module")
+def run_setup(tmp_path_factory):
+  """A tiny corpus, config and prepared data directory shared by the train.py runs (and a
+  persistent compilation cache, so runs of the same program compile it once)."""
+  root = tmp_path_factory.mktemp("train")
+  corpus = root / "corpus"
+  corpus.mkdir()
+  import sysconfig
+  stdlib = sysconfig.get_paths()["stdlib"]
+  for name in ("heapq.py", "bisect.py", "fnmatch.py", "shlex.py"):
+    (corpus / name).write_bytes(open(os.path.join(stdlib, name), "rb").read())
+  with open(fixture_path("tiny_v3") + "/config.json") as f:
+    cfg = json.load(f)
+  cfg.update(vocab_size=300, max_position_embeddings=512)
+  (root / "config.json").write_text(json.dumps(cfg))
+  from dsv3_jax import data
+  data.prepare(str(corpus), str(root / "data"), 300, log=lambda m: None)
+  return root
+
+
+def _train_cmd(setup, out, *extra):
+  return [sys.executable, os.path.join(REPO, "train.py"), "--config", str(setup / "config.json"),
+          "--out", str(out), "--data-dir", str(setup / "data"), "--seq-len", "32", "--batch", "8",
+          "--lr", "3e-3", "--warmup", "2", "--no-progress", "--eval-batches", "0", *extra]
+
+
+def _env(setup):
+  return dict(os.environ, PYTHONUNBUFFERED="1", JAX_COMPILATION_CACHE_DIR=str(setup / "jit"),
+              JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
+
+
+def _losses(out):
+  recs = {}
+  with open(os.path.join(out, "log.jsonl")) as f:
+    for line in f:
+      r = json.loads(line)
+      if r.get("kind") != "eval":
+        recs.setdefault(r["step"], []).append(r["loss"])
+  return recs
+
+
+def test_kill_and_resume_reproduces_the_loss_sequence(run_setup, tmp_path):
+  env = _env(run_setup)
+  args = ("--steps", "12", "--ckpt-every", "3")
+  ref = subprocess.run(_train_cmd(run_setup, tmp_path / "ref", *args), env=env, cwd=REPO,
+                       capture_output=True, text=True, timeout=300)
+  assert ref.returncode == 0, ref.stderr[-3000:]
+  out = tmp_path / "killed"
+  proc = subprocess.Popen(_train_cmd(run_setup, out, *args), env=env, cwd=REPO,
+                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+  log = out / "log.jsonl"
+  deadline = time.time() + 240
+  while time.time() < deadline and proc.poll() is None:
+    if log.exists() and max(_losses(out), default=0) >= 8:
+      break
+    time.sleep(0.05)
+  assert proc.poll() is None, "the run ended before it could be killed: " + proc.stderr.read()[-2000:]
+  os.kill(proc.pid, signal.SIGKILL)
+  proc.wait()
+  killed_at = max(_losses(out))
+  assert killed_at < 12
+  resumed = subprocess.run(_train_cmd(run_setup, out, *args, "--resume"), env=env, cwd=REPO,
+                           capture_output=True, text=True, timeout=300)
+  assert resumed.returncode == 0, resumed.stderr[-3000:]
+  restored = int(resumed.stdout.split("resumed from step ")[1].split()[0])
+  assert 3 <= restored <= killed_at
+  want, got = _losses(tmp_path / "ref"), _losses(out)
+  assert sorted(got) == sorted(want) == list(range(1, 13))
+  for step in range(1, 13):
+    for loss in got[step]:  # steps redone after the restore were logged twice: same values
+      assert loss == want[step][0], (step, got[step], want[step])
+  for step in range(restored + 1, killed_at + 1):
+    assert len(got[step]) == 2, (step, got[step])
+  # a fresh run must not silently overwrite an existing one
+  again = subprocess.run(_train_cmd(run_setup, out, *args), env=env, cwd=REPO,
+                         capture_output=True, text=True, timeout=300)
+  assert again.returncode != 0 and "--resume" in again.stderr
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(run_setup, tmp_path):
+  out = tmp_path / "nan"
+  r = subprocess.run(_train_cmd(run_setup, out, "--steps", "6", "--ckpt-every", "1",
+                                "--lr", "1e30", "--warmup", "0", "--clip", "1e30"),
+                     env=_env(run_setup), cwd=REPO, capture_output=True, text=True, timeout=300)
+  assert r.returncode == 3, r.stdout[-2000:] + r.stderr[-2000:]
+  assert "non-finite loss" in r.stdout
+  good = sorted(int(d) for d in os.listdir(out / "ckpt") if d.isdigit())
+  bad_step = int(r.stdout.split("non-finite loss at step ")[1].split()[0])
+  assert good and max(good) == bad_step - 1
+  logged = _losses(out)
+  assert max(logged) == bad_step - 1 and all(np.isfinite(v[0]) for v in logged.values())
+
+
+def test_hf_export_loads_back(tmp_path):
+  from dsv3_jax.hf_export import export_hf
+
+  cfg = _cfg()
+  oc = OptimizerConfig()
+  graphdef, state = init_train_state(cfg, oc, seed=5, dtype=jnp.float32)
+  biases = jax.tree.map(lambda b: b + jax.random.normal(jax.random.key(1), b.shape), state.biases)
+  full = nnx.merge_state(biases, state.params)
+  export_hf(str(tmp_path), cfg, jax.device_get(full), dtype=jnp.float32)
+  loaded = from_hf_pretrained(str(tmp_path), jnp.float32)
+  tokens = jax.random.randint(jax.random.key(2), (2, 9), 0, cfg.vocab_size)
+  want, want_mtp = core.forward(graphdef, full, tokens)
+  got, got_mtp = core.forward(*core.split(loaded), tokens)
+  np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+  np.testing.assert_array_equal(np.asarray(got_mtp[0]), np.asarray(want_mtp[0]))
