@@ -61,6 +61,9 @@ def parse_args(argv=None):
                  help="compute dtype (parameters are float32 masters)")
   m.add_argument("--remat", help="a jax.checkpoint_policies name per layer, e.g. "
                                  "nothing_saveable (default: no rematerialisation)")
+  m.add_argument("--attn-impl", choices=["auto", "einsum", "xla", "cudnn"], default="auto",
+                 help="training attention: einsum (mla.py's form), xla or cudnn "
+                      "(jax.nn.dot_product_attention); auto = cudnn on NVIDIA GPUs, else einsum")
   m.add_argument("--mesh", default="", help="mesh axis sizes, e.g. 'data=2,expert=4' "
                                             "(default: data = every device)")
   m.add_argument("--capacity-factor", type=float,
@@ -247,8 +250,12 @@ def main(argv=None) -> int:
   if latest is not None and not args.resume:
     raise SystemExit(f"error: {args.out}/ckpt already holds step {latest}: pass --resume to "
                      "continue it, or choose another --out")
+  attn = args.attn_impl
+  if attn == "auto":
+    attn = "cudnn" if jax.devices()[0].platform == "gpu" else "einsum"
   graphdef, state = init_train_state(cfg, oc, seed=args.seed, mesh=mesh, dtype=args.dtype,
-                                     expert_dispatch=dispatch, remat=args.remat)
+                                     expert_dispatch=dispatch, remat=args.remat,
+                                     attn_impl=None if attn == "einsum" else attn)
   shardings = state_shardings(state)
   position = 0
   if latest is not None:
@@ -300,6 +307,7 @@ def main(argv=None) -> int:
       f"{jax.devices()[0].device_kind}; batch {args.batch}×{args.seq_len}; "
       f"dispatch {'local' if dispatch is None else 'expert-parallel'}"
       f"{'' if args.capacity_factor is None else f' (capacity {args.capacity_factor})'}; "
+      f"attention {attn}; "
       f"steps {start}→{args.steps}")
   log = RunLog(os.path.join(args.out, "log.jsonl"), lead, args.steps, start,
                bar=not args.no_progress)

@@ -26,11 +26,21 @@ _NEG_INF = -1e30  # finite: a row with no visible key (padding) stays NaN-free
 
 
 class MLA(nnx.Module):
-  """Attention block. Parameter names follow the checkpoint (`self_attn.*`)."""
+  """Attention block. Parameter names follow the checkpoint (`self_attn.*`).
+
+  attn_impl: how the full form (training) attends: None = the einsum/softmax below (any
+  positions); "xla" or "cudnn" = jax.nn.dot_product_attention with that implementation (cuDNN:
+  fused flash attention on NVIDIA GPUs), causal over slot order, so only for rows whose
+  positions are 0..T-1 (training, prefill from 0).
+  """
 
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, param_dtype=jnp.float32,
-               fp8: bool = False, fp8_backend: Fp8Backend | None = None):
+               fp8: bool = False, fp8_backend: Fp8Backend | None = None,
+               attn_impl: str | None = None):
+    if attn_impl not in (None, "xla", "cudnn"):
+      raise ValueError(f"{attn_impl=} must be None, 'xla' or 'cudnn'")
     d, n = cfg.hidden_size, cfg.num_attention_heads
+    self.attn_impl = attn_impl
     self.num_heads = n
     self.nope_dim, self.rope_dim, self.v_dim = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim
     self.kv_lora_rank = cfg.kv_lora_rank
@@ -114,11 +124,27 @@ class MLA(nnx.Module):
     b, s, _ = c_kv.shape
     kv = self.kv_b_proj(c_kv).reshape(b, s, self.num_heads, self.nope_dim + self.v_dim)
     k_nope, v = kv[..., :self.nope_dim], kv[..., self.nope_dim:]
+    if self.attn_impl is not None:
+      return self._fused(q_nope, q_pe, k_nope, k_pe, v)
     f32 = jnp.float32
     scores = (jnp.einsum("btnh,bsnh->btns", q_nope, k_nope, preferred_element_type=f32)
               + jnp.einsum("btnr,bsr->btns", q_pe, k_pe, preferred_element_type=f32))
     p = self._softmax(scores, positions, positions, v.dtype)
     return jnp.einsum("btns,bsnv->btnv", p, v, preferred_element_type=f32).astype(v.dtype)
+
+  def _fused(self, q_nope, q_pe, k_nope, k_pe, v):
+    """Causal attention through jax.nn.dot_product_attention (shapes as in _full). The shared
+    rope key is broadcast to every head and v is zero-padded to the qk head dim (the public
+    API wants equal head dims); the padding is sliced off the output."""
+    qk = self.nope_dim + self.rope_dim
+    q = jnp.concatenate([q_nope, q_pe], -1)
+    k = jnp.concatenate([k_nope, jnp.broadcast_to(k_pe[:, :, None, :].astype(k_nope.dtype),
+                                                  (*k_nope.shape[:3], self.rope_dim))], -1)
+    v_pad = jnp.pad(v, ((0, 0), (0, 0), (0, 0), (0, qk - self.v_dim))) if qk > self.v_dim else v
+    out = jax.nn.dot_product_attention(q, k.astype(q.dtype), v_pad.astype(q.dtype),
+                                       scale=self.scale, is_causal=True,
+                                       implementation=self.attn_impl)
+    return out[..., :self.v_dim]
 
   def _absorbed(self, q_nope, q_pe, c_kv, k_pe, q_pos, k_pos):
     dtype = q_nope.dtype

@@ -28,10 +28,11 @@ class DecoderLayer(nnx.Module):
   """Pre-norm block: x + attn(norm(x)), then h + mlp(norm(h)). x: [B, T, D] → [B, T, D]."""
 
   def __init__(self, cfg: ModelConfig, *, moe: bool, rngs: nnx.Rngs, param_dtype=jnp.float32,
-               fp8: bool = False, fp8_backend: Fp8Backend | None = None, expert_dispatch=None):
+               fp8: bool = False, fp8_backend: Fp8Backend | None = None, expert_dispatch=None,
+               attn_impl: str | None = None):
     kw = dict(rngs=rngs, param_dtype=param_dtype, fp8=fp8, fp8_backend=fp8_backend)
     self.input_layernorm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, param_dtype=param_dtype)
-    self.self_attn = MLA(cfg, **kw)
+    self.self_attn = MLA(cfg, attn_impl=attn_impl, **kw)
     self.post_attention_layernorm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps,
                                             param_dtype=param_dtype)
     self.mlp = (MoE(cfg, dispatch=expert_dispatch, **kw) if moe else
@@ -104,7 +105,8 @@ class MTPLayer(nnx.Module):
   """
 
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, param_dtype=jnp.float32,
-               fp8: bool = False, fp8_backend: Fp8Backend | None = None, expert_dispatch=None):
+               fp8: bool = False, fp8_backend: Fp8Backend | None = None, expert_dispatch=None,
+               attn_impl: str | None = None):
     d = cfg.hidden_size
     self.enorm = RMSNorm(d, eps=cfg.rms_norm_eps, param_dtype=param_dtype)
     self.hnorm = RMSNorm(d, eps=cfg.rms_norm_eps, param_dtype=param_dtype)
@@ -112,7 +114,7 @@ class MTPLayer(nnx.Module):
                           std=cfg.initializer_range, param_dtype=param_dtype)
     self.block = DecoderLayer(cfg, moe=cfg.n_routed_experts > 0, rngs=rngs,
                               param_dtype=param_dtype, fp8=fp8, fp8_backend=fp8_backend,
-                              expert_dispatch=expert_dispatch)
+                              expert_dispatch=expert_dispatch, attn_impl=attn_impl)
     self.shared_head_norm = RMSNorm(d, eps=cfg.rms_norm_eps, param_dtype=param_dtype)
 
   def __call__(self, h_prev, emb_next, positions, cache: LayerCache | None = None,
@@ -140,11 +142,13 @@ class Transformer(nnx.Module):
     expert_dispatch: how MoE layers apply their routed experts (see moe.MoE; e.g.
       expert_parallel.ExpertParallel); None: the local sorted dispatch.
     remat: a `jax.checkpoint_policies` name applied per scanned layer (training); None: off.
+    attn_impl: the full-form attention of every layer (see mla.MLA; "cudnn" for training on
+      NVIDIA GPUs); None: the einsum form.
   """
 
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, param_dtype=jnp.float32,
                dtype=jnp.float32, fp8: bool | None = None, fp8_backend: str = "auto",
-               expert_dispatch=None, remat: str | None = None):
+               expert_dispatch=None, remat: str | None = None, attn_impl: str | None = None):
     fp8 = cfg.fp8 if fp8 is None else fp8
     self.cfg = cfg
     self.dtype = dtype
@@ -156,7 +160,7 @@ class Transformer(nnx.Module):
     else:
       log.info("bf16/f32 projections (fp8=False): fp8_backend=%r unused", fp8_backend)
     kw = dict(param_dtype=param_dtype, fp8=fp8, fp8_backend=backend,
-              expert_dispatch=expert_dispatch)
+              expert_dispatch=expert_dispatch, attn_impl=attn_impl)
     self.embed_tokens = Embed(cfg.vocab_size, cfg.hidden_size, rngs=rngs,
                               std=cfg.initializer_range, param_dtype=param_dtype)
     self.dense_layers = _stack(cfg.num_dense_layers,

@@ -262,3 +262,19 @@ def test_hf_export_loads_back(tmp_path):
   got, got_mtp = core.forward(*core.split(loaded), tokens)
   np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
   np.testing.assert_array_equal(np.asarray(got_mtp[0]), np.asarray(want_mtp[0]))
+
+
+def test_fused_attention_option_matches_einsum_form():
+  """attn_impl="xla" runs the training attention through jax.nn.dot_product_attention (the
+  "cudnn" choice differs only in the implementation string, GPU only)."""
+  from dsv3_jax import Transformer
+
+  cfg = _cfg()
+  ref = Transformer(cfg, rngs=nnx.Rngs(0))
+  fused = Transformer(cfg, rngs=nnx.Rngs(0), attn_impl="xla")
+  tokens = jax.random.randint(jax.random.key(0), (2, 11), 0, cfg.vocab_size)
+  want = np.asarray(ref(tokens))
+  np.testing.assert_allclose(np.asarray(fused(tokens)), want, rtol=1e-5, atol=1e-5)
+  assert np.abs(want).max() > 0.1
+  with pytest.raises(ValueError, match="attn_impl"):
+    Transformer(cfg, rngs=nnx.Rngs(0), attn_impl="flash")
