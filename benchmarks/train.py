@@ -1,0 +1,116 @@
+"""Training throughput (tokens/s) and MFU of the full train step (forward, backward, AdamW,
+bias update) for a ~1B-parameter DeepSeek-style config, over random tokens.
+
+Variants differ in the routed-expert dispatch and the attention implementation:
+  capacity  expert buckets of ceil(1.25·M·K/E) rows (ExpertParallel, one batched matmul)
+  dropless  the model's sorted dispatch into jax.lax.ragged_dot (moe.grouped_matmul)
+and attention `cudnn` (jax.nn.dot_product_attention, fused) or `einsum` (mla.py's own form).
+MFU = tokens/s × FLOPs/token (dsv3_jax.flops: 6·active matmul params + causal attention) / peak.
+
+  python benchmarks/train.py [--config configs/bench_1b.json] [--batch 8] [--seq-len 2048] \\
+      [--variants capacity/cudnn,dropless/cudnn] [--json out.jsonl]
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import sys
+import time
+import traceback
+
+import jax
+import jax.numpy as jnp
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from dsv3_jax import load_config  # noqa: E402
+from dsv3_jax.expert_parallel import ExpertParallel  # noqa: E402
+from dsv3_jax.flops import peak_flops, train_flops_per_token  # noqa: E402
+from dsv3_jax.sharding import batch_sharding, make_mesh  # noqa: E402
+from dsv3_jax.train_step import (OptimizerConfig, init_train_state, make_train_step,  # noqa: E402
+                                 state_shardings)
+
+
+def run_variant(cfg, name: str, args, mesh) -> dict:
+  dispatch_kind, attn = name.split("/")
+  dispatch = (ExpertParallel(mesh, capacity_factor=args.capacity_factor)
+              if dispatch_kind == "capacity" else None)
+  oc = OptimizerConfig(lr=1e-4, warmup_steps=10, total_steps=1000)
+  t0 = time.perf_counter()
+  graphdef, state = init_train_state(cfg, oc, seed=0, mesh=mesh, dtype=jnp.bfloat16,
+                                     expert_dispatch=dispatch, remat=args.remat,
+                                     attn_impl=None if attn == "einsum" else attn)
+  step = make_train_step(graphdef, oc, shardings=state_shardings(state))
+  keys = jax.random.split(jax.random.key(1), 4)
+  batches = [jax.device_put(jax.random.randint(k, (args.batch, args.seq_len + 1), 0,
+                                               cfg.vocab_size), batch_sharding(mesh))
+             for k in keys]
+  state, m = step(state, batches[0])  # compile + first step
+  jax.block_until_ready(m)
+  compile_s = time.perf_counter() - t0
+  for i in range(args.warmup):
+    state, m = step(state, batches[i % 4])
+  jax.block_until_ready(m)
+  t1 = time.perf_counter()
+  for i in range(args.steps):
+    state, m = step(state, batches[i % 4])
+  jax.block_until_ready((state, m))
+  dt = (time.perf_counter() - t1) / args.steps
+  tokens = args.batch * args.seq_len
+  flops = train_flops_per_token(cfg, args.seq_len) * tokens / dt
+  peak = peak_flops(jax.devices()[0].device_kind)
+  mem = (jax.devices()[0].memory_stats() or {}).get("peak_bytes_in_use")
+  return {"variant": name, "step_ms": dt * 1e3, "tokens_per_s": tokens / dt,
+          "tflops_per_s": flops / 1e12, "mfu": flops / (peak * mesh.size) if peak else None,
+          "loss": float(m["loss"]), "load_imbalance": float(m["load_imbalance"]),
+          "compile_and_first_step_s": compile_s, "peak_memory_gib": mem / 2**30 if mem else None}
+
+
+def main():
+  ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  ap.add_argument("--config", default="configs/bench_1b.json")
+  ap.add_argument("--batch", type=int, default=8)
+  ap.add_argument("--seq-len", type=int, default=2048)
+  ap.add_argument("--steps", type=int, default=10, help="timed steps")
+  ap.add_argument("--warmup", type=int, default=2, help="untimed steps after compiling")
+  ap.add_argument("--variants", default="capacity/cudnn,dropless/cudnn,capacity/einsum")
+  ap.add_argument("--capacity-factor", type=float, default=1.25)
+  ap.add_argument("--remat", help="jax.checkpoint_policies name per layer (default: none)")
+  ap.add_argument("--budget-s", type=float, default=1e9,
+                  help="skip the remaining variants once this much time has passed")
+  ap.add_argument("--json", help="append one JSON record per variant here")
+  args = ap.parse_args()
+  cfg = load_config(args.config)
+  mesh = make_mesh(data=jax.device_count())
+  dev = jax.devices()[0]
+  print(f"{dev.device_kind} × {jax.device_count()}; jax {jax.__version__}; {args.config}: "
+        f"batch {args.batch} × seq {args.seq_len}; "
+        f"{train_flops_per_token(cfg, args.seq_len) / 1e9:.3f} GFLOP/token", flush=True)
+  start = time.perf_counter()
+  for name in args.variants.split(","):
+    if time.perf_counter() - start > args.budget_s:
+      print(f"{name}: skipped (time budget spent)", flush=True)
+      continue
+    try:
+      rec = run_variant(cfg, name, args, mesh)
+      print(f"{name:>16}: {rec['step_ms']:8.1f} ms/step {rec['tokens_per_s']:>10,.0f} tok/s "
+            f"{rec['tflops_per_s']:7.1f} TFLOP/s  MFU {rec['mfu'] or 0:6.1%}  "
+            f"(compile+1st {rec['compile_and_first_step_s']:.0f}s, peak mem "
+            f"{rec['peak_memory_gib'] or 0:.1f} GiB, loss {rec['loss']:.3f})", flush=True)
+    except Exception as e:  # an OOM or an unsupported kernel: report and go on
+      rec = {"variant": name, "error": f"{type(e).__name__}: {str(e)[:500]}"}
+      print(f"{name}: FAILED {rec['error']}", flush=True)
+      traceback.print_exc(limit=3)
+    rec.update(device=dev.device_kind, devices=jax.device_count(), batch=args.batch,
+               seq_len=args.seq_len, config=args.config)
+    if args.json:
+      with open(args.json, "a") as f:
+        f.write(json.dumps(rec) + "\n")
+    gc.collect()
+    jax.clear_caches()
+
+
+if __name__ == "__main__":
+  main()
