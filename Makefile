@@ -10,7 +10,9 @@ PYTHON ?= $(shell v=$$(cat .python-version 2>/dev/null); \
 	done)
 TEST_ENV := JAX_PLATFORMS=cpu XLA_FLAGS=--xla_force_host_platform_device_count=8
 
-.PHONY: setup demo test info clean
+DEMO_CKPT := demo/stdlib-coder
+
+.PHONY: setup demo demo-tiny test info clean
 
 setup: $(VENV)/.stamp
 
@@ -18,10 +20,18 @@ $(VENV)/.stamp: pyproject.toml constraints.txt
 	@[ -n "$(PYTHON)" ] || { echo "error: Python >= 3.12 not found (install it, e.g. 'pyenv install 3.12', or pass PYTHON=/path/to/python3.12)"; exit 1; }
 	@[ -x $(PY) ] || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -c constraints.txt -e '.[test]'
+	$(PY) -m pip install -q -c constraints.txt -e '.[test,train]'
 	@touch $@
 
+# The demo model trained by train.py (docs/train.md), completing Python on the CPU.
 demo: setup
+	$(TEST_ENV) $(PY) infer.py --ckpt $(DEMO_CKPT) --raw --prompt "def fibonacci(n):" \
+	  --temperature 0 --max-new-tokens 48 --stop $$'\n\n\n'
+	$(TEST_ENV) $(PY) infer.py --ckpt $(DEMO_CKPT) --raw --temperature 0 --max-new-tokens 48 \
+	  --prompt "class Stack:" --prompt "import os" --mtp --quiet
+
+# A tiny HF-format fixture: load, compare with HF transformers' logits, decode.
+demo-tiny: setup
 	$(TEST_ENV) $(PY) -m dsv3_jax demo
 
 test: setup
