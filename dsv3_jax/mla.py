@@ -135,16 +135,20 @@ class MLA(nnx.Module):
   def _fused(self, q_nope, q_pe, k_nope, k_pe, v):
     """Causal attention through jax.nn.dot_product_attention (shapes as in _full). The shared
     rope key is broadcast to every head and v is zero-padded to the qk head dim (the public
-    API wants equal head dims); the padding is sliced off the output."""
+    API wants equal head dims). The sequence is zero-padded at its end to a multiple of 16
+    (cuDNN rejects odd lengths in training, e.g. the MTP module's T - 1): causality hides the
+    padded keys from every real query. Both paddings are sliced off the output."""
+    b, t, n, _ = q_nope.shape
     qk = self.nope_dim + self.rope_dim
+    pad_t = -t % 16
     q = jnp.concatenate([q_nope, q_pe], -1)
     k = jnp.concatenate([k_nope, jnp.broadcast_to(k_pe[:, :, None, :].astype(k_nope.dtype),
-                                                  (*k_nope.shape[:3], self.rope_dim))], -1)
-    v_pad = jnp.pad(v, ((0, 0), (0, 0), (0, 0), (0, qk - self.v_dim))) if qk > self.v_dim else v
-    out = jax.nn.dot_product_attention(q, k.astype(q.dtype), v_pad.astype(q.dtype),
+                                                  (b, t, n, self.rope_dim))], -1)
+    pad = lambda x, d: jnp.pad(x.astype(q.dtype), ((0, 0), (0, pad_t), (0, 0), (0, d)))
+    out = jax.nn.dot_product_attention(pad(q, 0), pad(k, 0), pad(v, qk - self.v_dim),
                                        scale=self.scale, is_causal=True,
                                        implementation=self.attn_impl)
-    return out[..., :self.v_dim]
+    return out[:, :t, :, :self.v_dim]
 
   def _absorbed(self, q_nope, q_pe, c_kv, k_pe, q_pos, k_pos):
     dtype = q_nope.dtype
