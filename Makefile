@@ -26,9 +26,7 @@ $(VENV)/.stamp: pyproject.toml constraints.txt
 # The demo model trained by train.py (docs/train.md), completing Python on the CPU.
 demo: setup
 	$(TEST_ENV) $(PY) infer.py --ckpt $(DEMO_CKPT) --raw --prompt "def fibonacci(n):" \
-	  --temperature 0 --max-new-tokens 48 --stop $$'\n\n\n'
-	$(TEST_ENV) $(PY) infer.py --ckpt $(DEMO_CKPT) --raw --temperature 0 --max-new-tokens 48 \
-	  --prompt "class Stack:" --prompt "import os" --mtp --quiet
+	  --prompt "class Stack:" --temperature 0.6 --top-k 40 --max-new-tokens 64 --mtp
 
 # A tiny HF-format fixture: load, compare with HF transformers' logits, decode.
 demo-tiny: setup

@@ -278,3 +278,24 @@ def test_fused_attention_option_matches_einsum_form():
   assert np.abs(want).max() > 0.1
   with pytest.raises(ValueError, match="attn_impl"):
     Transformer(cfg, rngs=nnx.Rngs(0), attn_impl="flash")
+
+
+def test_shipped_demo_checkpoint_models_python():
+  """demo/stdlib-coder loads with its tokenizer and predicts unseen Python far better than an
+  untrained model (ln 4096 = 8.3 nats): this repository's own train.py, not in its training
+  data and heavy with English help text, scores 5.0 nats (next token) and 5.2 (MTP); the
+  held-out stdlib split scored 2.6 at the end of training."""
+  from dsv3_jax.tokenizer import Tokenizer
+
+  ckpt = os.path.join(REPO, "demo", "stdlib-coder")
+  model = from_hf_pretrained(ckpt, jnp.float32)
+  assert model.cfg == load_config(os.path.join(REPO, "configs", "demo.json"))
+  assert os.path.getsize(os.path.join(ckpt, "model.safetensors")) <= 30 * 2**20
+  tok = Tokenizer(ckpt)
+  with open(os.path.join(REPO, "train.py")) as f:
+    ids = tok.encode(f.read())[:257]
+  tokens = jnp.asarray([ids], jnp.int32)
+  logits, (mtp,) = core.forward(*core.split(model), tokens[:, :-1])
+  ce = float(-jnp.take_along_axis(jax.nn.log_softmax(logits), tokens[:, 1:, None], -1).mean())
+  mtp_ce = float(-jnp.take_along_axis(jax.nn.log_softmax(mtp), tokens[:, 2:, None], -1).mean())
+  assert ce < 6.0 and mtp_ce < 6.0, (ce, mtp_ce)
