@@ -222,8 +222,14 @@ def main(argv=None) -> int:
   # ---- data ------------------------------------------------------------------------------
   data_dir = args.data_dir or os.path.join(args.out, "data")
   say = (lambda m: print(m, flush=True)) if lead else (lambda m: None)
-  tok_dir, token_file = data.prepare(args.corpus, data_dir, args.vocab_size or cfg.vocab_size,
-                                     args.tokenizer, log=say)
+  prepare = lambda: data.prepare(args.corpus, data_dir, args.vocab_size or cfg.vocab_size,
+                                 args.tokenizer, log=say)
+  if jax.process_count() > 1:  # process 0 builds the files on shared storage; the rest wait
+    from jax.experimental import multihost_utils
+    if lead:
+      prepare()
+    multihost_utils.sync_global_devices("dsv3_jax data prepared")
+  tok_dir, token_file = prepare()
   from tokenizers import Tokenizer
   vocab = Tokenizer.from_file(os.path.join(tok_dir, "tokenizer.json")).get_vocab_size()
   if vocab > cfg.vocab_size:

@@ -173,7 +173,7 @@ def make_train_step(graphdef: nnx.GraphDef, oc: OptimizerConfig, obj: Objective 
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     biases = update_biases(state.biases, aux, obj.bias_gamma)
-    metrics = dict(metrics, grad_norm=optax.global_norm(grads), lr=schedule(state.step))
+    metrics = dict(metrics, grad_norm=optax.tree.norm(grads), lr=schedule(state.step))
     new = TrainState(state.step + 1, params, biases, opt_state, jax.random.split(state.rng)[0])
     return new, metrics
 

@@ -197,7 +197,9 @@ def _losses(out):
 
 def test_kill_and_resume_reproduces_the_loss_sequence(run_setup, tmp_path):
   env = _env(run_setup)
-  args = ("--steps", "12", "--ckpt-every", "3")
+  # 30 steps: long enough to be killed mid-run. Orbax starts a save only once the previous one
+  # is on disk, so by step 14 (after the save of step 12 began) step 6 is complete.
+  args = ("--steps", "30", "--ckpt-every", "6")
   ref = subprocess.run(_train_cmd(run_setup, tmp_path / "ref", *args), env=env, cwd=REPO,
                        capture_output=True, text=True, timeout=300)
   assert ref.returncode == 0, ref.stderr[-3000:]
@@ -207,22 +209,22 @@ def test_kill_and_resume_reproduces_the_loss_sequence(run_setup, tmp_path):
   log = out / "log.jsonl"
   deadline = time.time() + 240
   while time.time() < deadline and proc.poll() is None:
-    if log.exists() and max(_losses(out), default=0) >= 8:
+    if log.exists() and max(_losses(out), default=0) >= 14:
       break
-    time.sleep(0.05)
+    time.sleep(0.01)
   assert proc.poll() is None, "the run ended before it could be killed: " + proc.stderr.read()[-2000:]
   os.kill(proc.pid, signal.SIGKILL)
   proc.wait()
   killed_at = max(_losses(out))
-  assert killed_at < 12
+  assert killed_at < 30
   resumed = subprocess.run(_train_cmd(run_setup, out, *args, "--resume"), env=env, cwd=REPO,
                            capture_output=True, text=True, timeout=300)
   assert resumed.returncode == 0, resumed.stderr[-3000:]
   restored = int(resumed.stdout.split("resumed from step ")[1].split()[0])
-  assert 3 <= restored <= killed_at
+  assert 6 <= restored <= killed_at
   want, got = _losses(tmp_path / "ref"), _losses(out)
-  assert sorted(got) == sorted(want) == list(range(1, 13))
-  for step in range(1, 13):
+  assert sorted(got) == sorted(want) == list(range(1, 31))
+  for step in range(1, 31):
     for loss in got[step]:  # steps redone after the restore were logged twice: same values
       assert loss == want[step][0], (step, got[step], want[step])
   for step in range(restored + 1, killed_at + 1):
