@@ -33,6 +33,7 @@ from jax.sharding import Mesh, PartitionSpec as P
 
 from dsv3_jax.layers import dequantize_blocks
 from dsv3_jax.moe import Experts, Routing, grouped_matmul
+from pallas_kernels.fp8_ops import Fp8Backend
 
 _PROJ = ("gate_proj", "up_proj", "down_proj")
 
@@ -89,7 +90,7 @@ class ExpertParallel:
     specs.update({n: P(self.expert_axis) for n in weights if n.endswith("scale_inv")})
     rows = P(self.batch_axes)
     body = _Body(n_ep=n_ep, num_experts=num_e, axis=self.expert_axis, tensor_axis=tp,
-                 capacity_factor=self.capacity_factor)
+                 capacity_factor=self.capacity_factor, fp8_backend=experts.fp8_backend)
     return jax.shard_map(body, mesh=self.mesh, in_specs=(rows, rows, rows, specs),
                          out_specs=rows)(x, routing.experts, routing.weights, weights)
 
@@ -103,6 +104,7 @@ class _Body:
   axis: str
   tensor_axis: str | None
   capacity_factor: float | None
+  fp8_backend: Fp8Backend | None = None
 
   def __call__(self, x, idx, route_w, weights):
     """x: [m, D] local tokens; idx, route_w: [m, K]; weights: this device's E/n experts."""
@@ -144,7 +146,8 @@ class _Body:
     h_in = jnp.take(recv_x, local, axis=0)
 
     def mm(a, name):
-      return grouped_matmul(a, weights[name], sizes, weights.get(name + "_scale_inv"))
+      return grouped_matmul(a, weights[name], sizes, weights.get(name + "_scale_inv"),
+                            self.fp8_backend)
 
     h = jax.nn.silu(mm(h_in, "gate_proj")) * mm(h_in, "up_proj")
     out = self._reduce_tensor(mm(h, "down_proj"))                   # padding rows: unused
