@@ -34,7 +34,7 @@ sys.path.insert(0, REPO)
 
 from dsv3_jax.checkpoint import expected_tensors, hf_tensor_table  # noqa: E402
 from dsv3_jax.config import ModelConfig  # noqa: E402
-from dsv3_jax.export import Tensor, safetensors_header  # noqa: E402
+from dsv3_jax.export import Tensor, safetensors_header, shard  # noqa: E402
 from dsv3_jax.orbax_checkpoint import abstract_model, flat_abstract  # noqa: E402
 from dsv3_jax.safetensors_io import CheckpointReader  # noqa: E402
 
@@ -102,13 +102,7 @@ def synthesize(cfg: dict, tensors: list[Tensor], d: str) -> int:
   os.makedirs(d)
   with open(os.path.join(d, "config.json"), "w") as f:
     json.dump(cfg, f, indent=2)
-  shards, size = [[]], 0
-  for t in tensors:
-    if shards[-1] and size + t.nbytes > SHARD_BYTES:
-      shards.append([])
-      size = 0
-    shards[-1].append(t)
-    size += t.nbytes
+  shards = shard(tensors, SHARD_BYTES)
   pools, weight_map = Pools(), {}
   for i, group in enumerate(shards):
     fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
