@@ -43,12 +43,15 @@ def main():
   wg = (jax.random.normal(key, (e, f, d), jnp.float32) * 0.02).astype(jnp.bfloat16)
   wd = (jax.random.normal(key, (e, d, f), jnp.float32) * 0.02).astype(jnp.bfloat16)
 
-  @jax.jit
-  def ragged(x, idx, wg, wd):
+  def sort_rows(x, idx):
+    """(token, slot) rows sorted by expert, and the rows per expert."""
     flat = idx.reshape(-1)
     order = jnp.argsort(flat)
-    sizes = jnp.bincount(flat, length=e).astype(jnp.int32)
-    xs = x[order // k]
+    return x[order // k], jnp.bincount(flat, length=e).astype(jnp.int32)
+
+  @jax.jit
+  def ragged(x, idx, wg, wd):
+    xs, sizes = sort_rows(x, idx)
     h = jax.nn.silu(grouped_matmul(xs, wg, sizes))
     return grouped_matmul(h, wd, sizes)
 
@@ -79,10 +82,7 @@ def main():
 
     @jax.jit
     def f(x, idx, wg, wd):
-      flat = idx.reshape(-1)
-      order = jnp.argsort(flat)
-      sizes = jnp.bincount(flat, length=e).astype(jnp.int32)
-      xs = x[order // k]
+      xs, sizes = sort_rows(x, idx)
       h = jax.nn.silu(rd(xs, wg, group_sizes=sizes, transpose_rhs=True, **tiles))
       return rd(h, wd, group_sizes=sizes, transpose_rhs=True, **tiles)
     return f
