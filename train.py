@@ -59,6 +59,14 @@ def parse_args(argv=None):
   m = p.add_argument_group("model and parallelism")
   m.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16",
                  help="compute dtype (parameters are float32 masters)")
+  m.add_argument("--precision", choices=["bf16", "fp8"], default="bf16",
+                 help="GEMM precision: bf16, or fp8 = DeepSeek-V3's FP8 training recipe (attention, "
+                      "dense-MLP and expert GEMMs on online-quantized e4m3 operands, forward and "
+                      "backward; embedding, head, router, norms and attention core stay bf16/fp32; "
+                      "see docs/train.md)")
+  m.add_argument("--fp8-backend", choices=["auto", "xla", "triton", "mosaic"], default="auto",
+                 help="kernels of --precision fp8: auto = Mosaic/Triton on FP8-capable GPUs, "
+                      "else the float32 emulation 'xla'")
   m.add_argument("--remat", help="a jax.checkpoint_policies name per layer, e.g. "
                                  "nothing_saveable (default: no rematerialisation)")
   m.add_argument("--attn-impl", choices=["auto", "einsum", "xla", "cudnn"], default="auto",
@@ -164,6 +172,8 @@ def plot_loss(log_path: str, png_path: str) -> bool:
   with open(log_path) as f:
     for line in f:
       r = json.loads(line)
+      if r.get("kind") == "summary":
+        continue
       (val if r.get("kind") == "eval" else train)[r["step"]] = r
   if not train:
     return False
@@ -261,7 +271,9 @@ def main(argv=None) -> int:
     attn = "cudnn" if jax.devices()[0].platform == "gpu" else "einsum"
   graphdef, state = init_train_state(cfg, oc, seed=args.seed, mesh=mesh, dtype=args.dtype,
                                      expert_dispatch=dispatch, remat=args.remat,
-                                     attn_impl=None if attn == "einsum" else attn)
+                                     attn_impl=None if attn == "einsum" else attn,
+                                     fp8_training=args.precision == "fp8",
+                                     fp8_backend=args.fp8_backend)
   shardings = state_shardings(state)
   position = 0
   if latest is not None:
@@ -313,7 +325,7 @@ def main(argv=None) -> int:
       f"{jax.devices()[0].device_kind}; batch {args.batch}×{args.seq_len}; "
       f"dispatch {'local' if dispatch is None else 'expert-parallel'}"
       f"{'' if args.capacity_factor is None else f' (capacity {args.capacity_factor})'}; "
-      f"attention {attn}; "
+      f"attention {attn}; precision {args.precision}; "
       f"steps {start}→{args.steps}")
   log = RunLog(os.path.join(args.out, "log.jsonl"), lead, args.steps, start,
                bar=not args.no_progress)
@@ -352,6 +364,10 @@ def main(argv=None) -> int:
     evaluate(step)
   ckpt.wait()
   ckpt.close()
+  mem = jax.devices()[0].memory_stats() or {}
+  if lead and log.file and "peak_bytes_in_use" in mem:
+    log.file.write(json.dumps({"kind": "summary", "precision": args.precision,
+                               "peak_bytes_in_use": mem["peak_bytes_in_use"]}) + "\n")
   log.close()
   if status == 0 and args.export:
     from flax import nnx

@@ -34,6 +34,7 @@ from jax.sharding import Mesh, PartitionSpec as P
 from dsv3_jax.layers import dequantize_blocks
 from dsv3_jax.moe import Experts, Routing, grouped_matmul
 from pallas_kernels.fp8_ops import Fp8Backend
+from pallas_kernels.fp8_train_ops import fp8_train_grouped, fp8_train_grouped_aligned
 
 _PROJ = ("gate_proj", "up_proj", "down_proj")
 
@@ -154,6 +155,20 @@ class _Body:
     out = jnp.zeros_like(out).at[local].set(out).reshape(self.n_ep, rows, d)
     return self._a2a(out)[dest, slot]                               # [m·K, D]
 
+  def _fp8_buckets(self, h_in, weights):
+    """The bucketed experts under the FP8 training recipe: buckets [e, c, D] as one grouped
+    product with equal groups of c rows (already 128-aligned when c is a multiple of 128)."""
+    e, c, d = h_in.shape
+    sizes = jnp.full((e,), c, jnp.int32)
+    if c % 128 == 0:
+      mm = lambda a, name: fp8_train_grouped_aligned(a, weights[name], sizes,
+                                                     backend=self.fp8_backend)
+    else:
+      mm = lambda a, name: fp8_train_grouped(a, weights[name], sizes, backend=self.fp8_backend)
+    rows = h_in.reshape(e * c, d)
+    h = jax.nn.silu(mm(rows, "gate_proj")) * mm(rows, "up_proj")
+    return mm(h, "down_proj").reshape(e, c, -1)
+
   def _bucketed(self, xs, sorted_e, weights):
     """Per-(device, expert) buckets of `cap` rows; pairs beyond a bucket are dropped."""
     rows, d = xs.shape
@@ -172,12 +187,16 @@ class _Body:
       v = weights[name]
       return (dequantize_blocks(v, s, xs.dtype) if s is not None else v).astype(xs.dtype)
 
-    f32 = jnp.float32
-    g = jnp.einsum("ecd,efd->ecf", h_in, w("gate_proj"), preferred_element_type=f32)
-    u = jnp.einsum("ecd,efd->ecf", h_in, w("up_proj"), preferred_element_type=f32)
-    h = (jax.nn.silu(g) * u).astype(xs.dtype)
-    out = jnp.einsum("ecf,edf->ecd", h, w("down_proj"), preferred_element_type=f32)
-    out = self._reduce_tensor(out.astype(xs.dtype))
+    if (self.fp8_backend is not None and self.fp8_backend.training
+        and "gate_proj_scale_inv" not in weights):
+      out = self._reduce_tensor(self._fp8_buckets(h_in, weights))
+    else:
+      f32 = jnp.float32
+      g = jnp.einsum("ecd,efd->ecf", h_in, w("gate_proj"), preferred_element_type=f32)
+      u = jnp.einsum("ecd,efd->ecf", h_in, w("up_proj"), preferred_element_type=f32)
+      h = (jax.nn.silu(g) * u).astype(xs.dtype)
+      out = jnp.einsum("ecf,edf->ecd", h, w("down_proj"), preferred_element_type=f32)
+      out = self._reduce_tensor(out.astype(xs.dtype))
     out = out.reshape(e_local, self.n_ep, cap, d).transpose(1, 0, 2, 3)
     back = self._a2a(out).reshape(e, cap, d)
     got = back[sorted_e, jnp.minimum(slot, cap - 1)]

@@ -17,6 +17,7 @@ from flax import nnx
 
 from dsv3_jax.config import ModelConfig, yarn_mscale
 from pallas_kernels.fp8_ops import Fp8Backend, fp8_linear
+from pallas_kernels.fp8_train_ops import fp8_train_linear
 
 FP8_BLOCK = 128
 FP8_DTYPE = jnp.float8_e4m3fn
@@ -73,7 +74,9 @@ class Linear(nnx.Module):
   ceil(in/128)] (DeepSeek's checkpoint layout). `fp8_backend` (resolved once, when the model is
   built; see pallas_kernels.fp8_ops) picks the product: "xla" dequantizes the weight block-wise
   and multiplies; "triton"/"mosaic" quantize the activations per 1×128 tile and run the FP8
-  Pallas GEMM.
+  Pallas GEMM. A high-precision weight with a `training` backend runs the FP8 training recipe
+  (pallas_kernels.fp8_train_ops: the weight and activations quantized online, forward and
+  backward).
   """
 
   def __init__(self, in_features: int, out_features: int, *, axes: tuple[str, str],
@@ -98,6 +101,9 @@ class Linear(nnx.Module):
 
   def __call__(self, x: jax.Array, out_dtype=None) -> jax.Array:
     """x: [..., in] → [..., out] in out_dtype (default x.dtype), float32 accumulation."""
+    if self.fp8_backend.training and self.weight_scale_inv is None:
+      return fp8_train_linear(x, self.weight[...], backend=self.fp8_backend).astype(
+          out_dtype or x.dtype)
     # the kernels quantize activations in 1×128 tiles: K must be a multiple of 128 (true of
     # every V3 projection; V2-Lite's 10944-wide dense MLP takes the XLA path)
     if (self.weight_scale_inv is not None and self.fp8_backend.kind != "xla"

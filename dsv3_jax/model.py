@@ -139,6 +139,12 @@ class Transformer(nnx.Module):
     fp8_backend: how FP8 projections run: "auto" (Mosaic kernels on Hopper, Triton kernels on
       other FP8-capable CUDA GPUs, else "xla"), "xla" (dequantize, then matmul), "triton" or
       "mosaic" (see pallas_kernels.fp8_ops). Resolved once here and logged.
+    fp8_training: DeepSeek-V3's FP8 training recipe (pallas_kernels.fp8_train_ops): the
+      attention, dense-MLP and expert projections keep high-precision weights and run every
+      GEMM of forward and backward on e4m3 operands quantized online, through `fp8_backend`
+      (kernels on FP8-capable GPUs, the float32 emulation "xla" elsewhere; on TPU it falls back
+      to bf16 GEMMs, with a logged note). Embedding, head, router, eh_proj, norms and the
+      attention core stay high precision. Excludes `fp8`.
     expert_dispatch: how MoE layers apply their routed experts (see moe.MoE; e.g.
       expert_parallel.ExpertParallel); None: the local sorted dispatch.
     remat: a `jax.checkpoint_policies` name applied per scanned layer (training); None: off.
@@ -148,15 +154,24 @@ class Transformer(nnx.Module):
 
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, param_dtype=jnp.float32,
                dtype=jnp.float32, fp8: bool | None = None, fp8_backend: str = "auto",
+               fp8_training: bool = False,
                expert_dispatch=None, remat: str | None = None, attn_impl: str | None = None):
     fp8 = cfg.fp8 if fp8 is None else fp8
     self.cfg = cfg
     self.dtype = dtype
     self.remat = remat
+    if fp8 and fp8_training:
+      raise ValueError("fp8=True (e4m3 weights, inference) and fp8_training=True (the training "
+                       "recipe over high-precision weights) exclude each other")
+    if fp8_training and jax.devices()[0].platform == "tpu":
+      log.warning("fp8_training: TPU has no FP8 block-scaled GEMMs here; training in bf16")
+      fp8_training = False
     backend = resolve_backend(fp8_backend, scale_fmt=cfg.quantization.scale_fmt
-                              if cfg.quantization is not None else None)
+                              if cfg.quantization is not None else None, training=fp8_training)
     if fp8:
       log.info("FP8 projections: fp8_backend=%r resolved to %s", fp8_backend, backend)
+    elif fp8_training:
+      log.info("FP8 training recipe: fp8_backend=%r resolved to %s", fp8_backend, backend)
     else:
       log.info("bf16/f32 projections (fp8=False): fp8_backend=%r unused", fp8_backend)
     kw = dict(param_dtype=param_dtype, fp8=fp8, fp8_backend=backend,

@@ -17,6 +17,7 @@ from dsv3_jax.balance import routing_stats
 from dsv3_jax.config import ModelConfig
 from dsv3_jax.layers import Linear, _normal, dequantize_blocks, param, quantize_blocks
 from pallas_kernels.fp8_ops import Fp8Backend, fp8_grouped_linear
+from pallas_kernels.fp8_train_ops import align_groups, fp8_train_grouped, fp8_train_grouped_aligned
 
 _RAGGED_DIMS = jax.lax.RaggedDotDimensionNumbers(
     dot_dimension_numbers=(((1,), (2,)), ((), ())),  # x [M, K] · w [E, N, K] over K
@@ -97,10 +98,14 @@ def grouped_matmul(x: jax.Array, w: jax.Array, group_sizes: jax.Array,
     group_sizes: [E] int32, summing to M.
     scale_inv: optional [E, ceil(N/128), ceil(K/128)] FP8 block scales.
     fp8_backend: with FP8 weights, "triton"/"mosaic" run the grouped FP8 Pallas kernel on
-      activations quantized per 1×128 tile; "xla" (default) dequantizes the weights.
+      activations quantized per 1×128 tile; "xla" (default) dequantizes the weights. With
+      high-precision weights and a `training` backend: the FP8 training recipe
+      (pallas_kernels.fp8_train_ops.fp8_train_grouped).
   Returns:
     [M, N] in x.dtype (float32 accumulation).
   """
+  if scale_inv is None and fp8_backend is not None and fp8_backend.training:
+    return fp8_train_grouped(x, w, group_sizes, backend=fp8_backend)
   if (scale_inv is not None and fp8_backend is not None and fp8_backend.kind != "xla"
       and x.shape[-1] % 128 == 0):
     return fp8_grouped_linear(x, w, scale_inv, group_sizes, backend=fp8_backend)
@@ -150,17 +155,33 @@ class Experts(nnx.Module):
       [M, D] = Σ_k weights[m, k] · E_{experts[m, k]}(x[m]).
     """
     m, k = routing.experts.shape
-    if m * k <= self.num_experts:
+    fp8_training = self.fp8_backend.training and self.gate_proj_scale_inv is None
+    if m * k <= self.num_experts and not fp8_training:
       return self._gathered(x, routing)
     flat = routing.experts.reshape(-1)                     # [M·K] expert of each (token, slot)
     order = jnp.argsort(flat, stable=True)                 # sort (token, slot) pairs by expert
     group_sizes = jnp.bincount(flat, length=self.num_experts).astype(jnp.int32)
     xs = jnp.take(x, order // k, axis=0)                   # [M·K, D] tokens in expert order
-    h = jax.nn.silu(self._mm(xs, "gate_proj", group_sizes)) * self._mm(xs, "up_proj", group_sizes)
-    ys = self._mm(h, "down_proj", group_sizes)             # [M·K, D]
+    if fp8_training:
+      ys = self._fp8_training(xs, group_sizes)
+    else:
+      h = jax.nn.silu(self._mm(xs, "gate_proj", group_sizes)) * self._mm(xs, "up_proj",
+                                                                          group_sizes)
+      ys = self._mm(h, "down_proj", group_sizes)           # [M·K, D]
     y = jnp.zeros_like(ys).at[order].set(ys).reshape(m, k, -1)  # back to (token, slot) order
     return jnp.einsum("mkd,mk->md", y.astype(jnp.float32), routing.weights).astype(x.dtype)
 
+
+  def _fp8_training(self, xs, group_sizes):
+    """The three projections under the FP8 training recipe, on rows laid out once in the
+    128-aligned contiguous layout (each expert's rows padded to a multiple of 128, so that the
+    weight gradient's 128-token tiles never straddle two experts). xs: [R, D] sorted rows."""
+    dest, sizes, length = align_groups(group_sizes, xs.shape[0])
+    xp = jnp.zeros((length, xs.shape[1]), xs.dtype).at[dest].set(xs, unique_indices=True)
+    mm = lambda a, name: fp8_train_grouped_aligned(a, getattr(self, name)[...], sizes,
+                                                   backend=self.fp8_backend)
+    h = jax.nn.silu(mm(xp, "gate_proj")) * mm(xp, "up_proj")   # padding rows stay zero
+    return mm(h, "down_proj")[dest]
 
   def _gathered(self, x, routing):
 

@@ -60,11 +60,12 @@ def tile_index(pid, grid_m: int, grid_n: int, group_m: int):
 
 
 def scaled_slab(a_ref, sa_ref, b_ref, sb_ref, kb, rows, row_ok, n0, col_ok, *, block_n: int,
-                n_blocks: int, b_index=()):
+                n_blocks: int, b_index=(), b_rowwise: bool = False):
   """One K slab: (A_kb · B_kbᵀ) · sA[:, kb] · sB[n // 128, kb] for a block of rows × columns.
 
   rows/row_ok index A's (block_m) rows; n0 is the tile's first column; b_index selects a leading
-  (expert) axis of b_ref / sb_ref.
+  (expert) axis of b_ref / sb_ref. With b_rowwise, B has one scale per row per slab (sB[n, kb],
+  1×128 tiles, as the weight-gradient GEMM's operands have) instead of 128×128 blocks.
   """
   ks = pl.ds(pl.multiple_of(kb * BLOCK, BLOCK), BLOCK)
   a = plgpu.load(a_ref.at[rows, ks], mask=row_ok[:, None], other=0.0)
@@ -72,6 +73,9 @@ def scaled_slab(a_ref, sa_ref, b_ref, sb_ref, kb, rows, row_ok, n0, col_ok, *, b
   sa = plgpu.load(sa_ref.at[rows, kb], mask=row_ok, other=0.0)
   p = jax.lax.dot_general(a, b, (((1,), (1,)), ((), ())),                 # f32 [bm, bn]
                           preferred_element_type=jnp.float32)
+  if b_rowwise:
+    sb = plgpu.load(sb_ref.at[(*b_index, pl.ds(n0, block_n), kb)], mask=col_ok, other=0.0)
+    return p * sa[:, None] * sb[None, :]
   nb = n0 // BLOCK
   if block_n <= BLOCK:                                  # the tile lies in one weight block
     return p * (sa * sb_ref[(*b_index, nb, kb)])[:, None]

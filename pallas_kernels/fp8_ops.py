@@ -35,9 +35,12 @@ class Fp8Backend:
   kind: str = "xla"
   interpret: bool = False
   scale_fmt: str | None = None
+  training: bool = False  # FP8 training recipe: high-precision weights, every GEMM of forward
+                          # and backward on online-quantized e4m3 (pallas_kernels.fp8_train_ops)
 
   def __str__(self) -> str:
-    extra = [x for x in ("interpret" if self.interpret else "", self.scale_fmt or "") if x]
+    extra = [x for x in ("interpret" if self.interpret else "", self.scale_fmt or "",
+                         "training recipe" if self.training else "") if x]
     return self.kind + (f" ({', '.join(extra)})" if extra else "")
 
 
@@ -52,8 +55,12 @@ def _compute_capability(device) -> tuple[int, int] | None:
   return major, minor
 
 
-def resolve_backend(name: str, *, scale_fmt: str | None = None, device=None) -> Fp8Backend:
-  """Resolves "auto" | "xla" | "triton" | "mosaic" against `device` (default: the first)."""
+def resolve_backend(name: str, *, scale_fmt: str | None = None, device=None,
+                    training: bool = False) -> Fp8Backend:
+  """Resolves "auto" | "xla" | "triton" | "mosaic" against `device` (default: the first).
+
+  training: the backend of the FP8 training recipe (kept in the result's `training` field).
+  """
   if name not in BACKENDS:
     raise ValueError(f"fp8_backend {name=} must be one of {BACKENDS}")
   device = device or jax.devices()[0]
@@ -68,7 +75,8 @@ def resolve_backend(name: str, *, scale_fmt: str | None = None, device=None) -> 
   if name == "triton" and cc is not None and cc < (8, 9):
     raise ValueError(f"fp8_backend 'triton' needs FP8 tensor cores (sm89+); {device} is "
                      f"sm{cc[0]}{cc[1]}")
-  return Fp8Backend(kind=name, interpret=name != "xla" and cc is None, scale_fmt=scale_fmt)
+  return Fp8Backend(kind=name, interpret=name != "xla" and cc is None, scale_fmt=scale_fmt,
+                    training=training)
 
 
 def fp8_linear(x: jax.Array, w: jax.Array, scale_inv: jax.Array, *, backend: Fp8Backend,

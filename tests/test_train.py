@@ -190,7 +190,7 @@ def _losses(out):
   with open(os.path.join(out, "log.jsonl")) as f:
     for line in f:
       r = json.loads(line)
-      if r.get("kind") != "eval":
+      if r.get("kind") not in ("eval", "summary"):
         recs.setdefault(r["step"], []).append(r["loss"])
   return recs
 

@@ -1,0 +1,245 @@
+"""FP8 training GEMMs: DeepSeek-V3's mixed-precision recipe as `jax.custom_vjp` products.
+
+A linear layer y = x · Wᵀ (x [M, K] tokens × channels, W [N, K] a high-precision master) runs
+its three GEMMs on e4m3 operands quantized online, each with its own tile orientation
+(DeepSeek-V3 report §3.3; SPEC.md, FP8):
+
+  Fprop  y  = x · Wᵀ    x: 1×128 tiles (per token, 128 channels)   W: 128×128 blocks
+  Dgrad  dx = dy · W    dy: 1×128 tiles (per token, 128 channels)  W: the same 128×128 blocks,
+                                                                       used transposed
+  Wgrad  dW = dyᵀ · x   dy and x: 128×1 tiles (per channel, 128 tokens — along the contraction)
+
+Every GEMM multiplies each 128-wide K slab's partial product by its two scales and accumulates
+in float32 (the promotion interval N_C = 128). The weight is quantized from the master on every
+call; x is quantized for Wgrad already in the forward pass and kept (e4m3 + scales, half of a
+bf16 copy) as the backward's residual. Scales are amax / 448 with amax floored at 1e-20, so an
+all-zero tile gets a finite scale and quantizes to zeros.
+
+Experts use the grouped form: rows sorted by expert, w [E, N, K]. Wgrad's 128-token tiles must
+not straddle two experts, so each expert's rows are padded to a multiple of 128
+(`align_groups`, the contiguous layout DeepGEMM uses for the same reason).
+
+Backends (`Fp8Backend.kind`): "xla" emulates the kernels exactly in float32 (dequantized operands,
+HIGHEST-precision dots: the products of e4m3 values are exact in float32, so only the summation
+order differs) — the CPU path and the tests' reference; "triton" and "mosaic" run
+pallas_kernels (Mosaic for the Fprop/Dgrad GEMMs on Hopper, Triton for the grouped and Wgrad
+GEMMs).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from pallas_kernels.fp8_gemm_mosaic import fp8_gemm_mosaic
+from pallas_kernels.fp8_gemm_triton import fp8_gemm_triton
+from pallas_kernels.fp8_grouped_gemm_triton import fp8_grouped_gemm_triton
+from pallas_kernels.fp8_ops import Fp8Backend
+from pallas_kernels.fp8_wgrad_triton import fp8_wgrad_reference, fp8_wgrad_triton
+
+BLOCK = 128
+E4M3_MAX = 448.0
+AMAX_FLOOR = 1e-20  # keeps all-zero tiles finite without touching real gradients' scales
+FP8 = jnp.float8_e4m3fn
+_HI = jax.lax.Precision.HIGHEST
+
+
+# ---- online quantization (XLA; fuses with the producer) ----------------------------------------
+def quant_rows(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """1×128 tiles along the last axis. x [..., R, C] (C % 128 == 0) → (e4m3 [..., R, C],
+  float32 scales [..., R, C/128]) with x ≈ q · s."""
+  *lead, c = x.shape
+  xb = x.astype(jnp.float32).reshape(*lead, c // BLOCK, BLOCK)
+  s = jnp.maximum(jnp.abs(xb).max(-1), AMAX_FLOOR) / E4M3_MAX
+  q = jnp.clip(xb / s[..., None], -E4M3_MAX, E4M3_MAX).astype(FP8)
+  return q.reshape(x.shape), s
+
+
+def quant_blocks(w: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """128×128 blocks. w [..., N, K] (multiples of 128) → (e4m3 [..., N, K], float32
+  [..., N/128, K/128])."""
+  *lead, n, k = w.shape
+  wb = w.astype(jnp.float32).reshape(*lead, n // BLOCK, BLOCK, k // BLOCK, BLOCK)
+  s = jnp.maximum(jnp.abs(wb).max((-3, -1)), AMAX_FLOOR) / E4M3_MAX
+  q = jnp.clip(wb / s[..., :, None, :, None], -E4M3_MAX, E4M3_MAX).astype(FP8)
+  return q.reshape(w.shape), s
+
+
+def dequant_rows(q, s):
+  return q.astype(jnp.float32) * jnp.repeat(s, BLOCK, axis=-1)
+
+
+def dequant_blocks(q, s):
+  return q.astype(jnp.float32) * jnp.repeat(jnp.repeat(s, BLOCK, axis=-2), BLOCK, axis=-1)
+
+
+def _t(x):
+  return jnp.swapaxes(x, -1, -2)
+
+
+# ---- the GEMMs, per backend (operands already padded to multiples of 128) ----------------------
+def _gemm(a, sa, b, sb, backend: Fp8Backend, out_dtype):
+  """a [M, K] 1×128 scales; b [N, K] 128×128 scales → [M, N]."""
+  if backend.kind == "xla":
+    return jnp.dot(dequant_rows(a, sa), _t(dequant_blocks(b, sb)), precision=_HI).astype(out_dtype)
+  if backend.kind == "mosaic":
+    return fp8_gemm_mosaic(a, sa, b, sb, out_dtype=out_dtype, interpret=backend.interpret)
+  return fp8_gemm_triton(a, sa, b, sb, out_dtype=out_dtype, interpret=backend.interpret)
+
+
+def _grouped_gemm(a, sa, b, sb, sizes, backend: Fp8Backend, out_dtype):
+  """a [M, K] rows sorted by group; b [E, N, K] 128×128 scales → [M, N]."""
+  if backend.kind == "xla":
+    y = jax.lax.ragged_dot(dequant_rows(a, sa), _t(dequant_blocks(b, sb)), sizes, precision=_HI)
+    return y.astype(out_dtype)
+  return fp8_grouped_gemm_triton(a, sa, b, sb, sizes, out_dtype=out_dtype,
+                                 interpret=backend.interpret)
+
+
+def _wgrad(a, sa, b, sb, block_offsets, backend: Fp8Backend):
+  """a [M, T], b [N, T], per-row scales along T → [G, M, N] float32."""
+  if backend.kind == "xla":
+    return fp8_wgrad_reference(a, sa, b, sb, block_offsets)
+  return fp8_wgrad_triton(a, sa, b, sb, block_offsets, interpret=backend.interpret)
+
+
+# ---- dense: y = x · Wᵀ ---------------------------------------------------------------------------
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _linear(x, w, backend):
+  return _linear_fwd(x, w, backend)[0]
+
+
+def _linear_fwd(x, w, backend):
+  xq, sx = quant_rows(x)                      # Fprop: x per token per 128 channels
+  wq, sw = quant_blocks(w)                    # W per 128×128 block
+  y = _gemm(xq, sx, wq, sw, backend, x.dtype)
+  xtq, sxt = quant_rows(_t(x))                # Wgrad operand: x per channel per 128 tokens
+  return y, (xtq, sxt, wq, sw, jnp.zeros((0,), x.dtype), jnp.zeros((0,), w.dtype))
+
+
+def _linear_bwd(backend, res, dy):
+  xtq, sxt, wq, sw, x0, w0 = res
+  dyq, sdy = quant_rows(dy)                   # Dgrad: dy per token per 128 channels
+  dx = _gemm(dyq, sdy, _t(wq), _t(sw), backend, x0.dtype)   # the same blocks, transposed
+  dytq, sdyt = quant_rows(_t(dy))             # Wgrad: dy per channel per 128 tokens
+  offsets = jnp.array([0, dy.shape[0] // BLOCK], jnp.int32)
+  dw = _wgrad(dytq, sdyt, xtq, sxt, offsets, backend)[0]
+  return dx, dw.astype(w0.dtype)
+
+
+_linear.defvjp(_linear_fwd, _linear_bwd)
+
+
+def _pad_to(x, axis, multiple=BLOCK):
+  extra = -x.shape[axis] % multiple
+  if not extra:
+    return x
+  widths = [(0, 0)] * x.ndim
+  widths[axis] = (0, extra)
+  return jnp.pad(x, widths)
+
+
+def fp8_train_linear(x: jax.Array, w: jax.Array, *, backend: Fp8Backend) -> jax.Array:
+  """y = x · Wᵀ through FP8 GEMMs in forward and backward (the training recipe above).
+
+  Args:
+    x: [..., K] activations (bf16 or float32); w: [N, K] high-precision weight (the master).
+    backend: an Fp8Backend ("xla", "triton" or "mosaic").
+  Returns:
+    [..., N] in x.dtype. Differentiable in x and w (custom VJP). Any M, N, K: operands are
+    zero-padded to multiples of 128 (exact; a no-op for aligned shapes).
+  """
+  *lead, k = x.shape
+  n = w.shape[0]
+  if w.ndim != 2 or w.shape[1] != k:
+    raise ValueError(f"fp8_train_linear: {x.shape=} and weight {w.shape=} disagree on K")
+  x2 = _pad_to(_pad_to(x.reshape(-1, k), 0), 1)
+  y = _linear(x2, _pad_to(_pad_to(w, 0), 1), backend)
+  m = 1
+  for d in lead:
+    m *= d
+  return y[:m, :n].reshape(*lead, n)
+
+
+# ---- grouped (experts): y[i] = x[i] · W[g(i)]ᵀ ------------------------------------------------------
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _grouped(x, w, sizes, backend):
+  return _grouped_fwd(x, w, sizes, backend)[0]
+
+
+def _grouped_fwd(x, w, sizes, backend):
+  xq, sx = quant_rows(x)
+  wq, sw = quant_blocks(w)
+  y = _grouped_gemm(xq, sx, wq, sw, sizes, backend, x.dtype)
+  xtq, sxt = quant_rows(_t(x))
+  return y, (xtq, sxt, wq, sw, sizes, jnp.zeros((0,), x.dtype), jnp.zeros((0,), w.dtype))
+
+
+def _grouped_bwd(backend, res, dy):
+  xtq, sxt, wq, sw, sizes, x0, w0 = res
+  dyq, sdy = quant_rows(dy)
+  dx = _grouped_gemm(dyq, sdy, _t(wq), _t(sw), sizes, backend, x0.dtype)
+  dytq, sdyt = quant_rows(_t(dy))
+  offsets = jnp.concatenate([jnp.zeros((1,), jnp.int32),
+                             jnp.cumsum(sizes.astype(jnp.int32)) // BLOCK])
+  dw = _wgrad(dytq, sdyt, xtq, sxt, offsets, backend)
+  return dx, dw.astype(w0.dtype), None
+
+
+_grouped.defvjp(_grouped_fwd, _grouped_bwd)
+
+
+def align_groups(group_sizes: jax.Array, rows: int) -> tuple[jax.Array, jax.Array, int]:
+  """The 128-aligned layout of rows sorted by group.
+
+  Args:
+    group_sizes: [E] int rows per group (summing to `rows`).
+  Returns:
+    (dest [rows] int32: each sorted row's slot in the aligned buffer, aligned_sizes [E] int32:
+    every size a multiple of 128 and summing to the buffer's length, length: static buffer
+    length, a multiple of 128 >= rows + 127·E). The last group absorbs the slack (zero rows).
+  """
+  e = group_sizes.shape[0]
+  length = -(-(rows + (BLOCK - 1) * e) // BLOCK) * BLOCK
+  sizes = group_sizes.astype(jnp.int32)
+  padded = -(-sizes // BLOCK) * BLOCK
+  padded = padded.at[-1].add(length - padded.sum())
+  starts = jnp.cumsum(sizes) - sizes
+  pstarts = jnp.cumsum(padded) - padded
+  g = jnp.repeat(jnp.arange(e, dtype=jnp.int32), sizes, total_repeat_length=rows)
+  dest = pstarts[g] + jnp.arange(rows, dtype=jnp.int32) - starts[g]
+  return dest, padded, length
+
+
+def fp8_train_grouped_aligned(x: jax.Array, w: jax.Array, aligned_sizes: jax.Array, *,
+                              backend: Fp8Backend) -> jax.Array:
+  """Grouped y[i] = x[i] · W[g(i)]ᵀ through FP8 GEMMs, for rows already in the aligned layout.
+
+  Args:
+    x: [R, K] rows sorted by group, R a multiple of 128; w: [E, N, K] masters.
+    aligned_sizes: [E] int32, each a multiple of 128, summing to R (see align_groups).
+  Returns:
+    [R, N] in x.dtype; differentiable in x and w.
+  """
+  r, k = x.shape
+  if r % BLOCK:
+    raise ValueError(f"fp8_train_grouped_aligned: {r} rows is not a multiple of {BLOCK}")
+  if w.ndim != 3 or w.shape[2] != k:
+    raise ValueError(f"fp8_train_grouped_aligned: {x.shape=} and weight {w.shape=} disagree")
+  n = w.shape[1]
+  y = _grouped(_pad_to(x, 1), _pad_to(_pad_to(w, 1), 2), aligned_sizes.astype(jnp.int32),
+               backend)
+  return y[:, :n]
+
+
+def fp8_train_grouped(x: jax.Array, w: jax.Array, group_sizes: jax.Array, *,
+                      backend: Fp8Backend) -> jax.Array:
+  """fp8_train_grouped_aligned for rows sorted by group with any group sizes: the rows are
+  scattered into the aligned layout and gathered back. x: [M, K]; w: [E, N, K];
+  group_sizes: [E] summing to M. Returns [M, N] in x.dtype."""
+  m = x.shape[0]
+  dest, sizes, length = align_groups(group_sizes, m)
+  xp = jnp.zeros((length, x.shape[1]), x.dtype).at[dest].set(x, unique_indices=True)
+  return fp8_train_grouped_aligned(xp, w, sizes, backend=backend)[dest]
