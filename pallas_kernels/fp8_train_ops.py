@@ -132,6 +132,18 @@ def _linear_bwd(backend, res, dy):
 _linear.defvjp(_linear_fwd, _linear_bwd)
 
 
+def _match_vma(*arrays):
+  """Inside shard_map, casts the operands to vary over the same manual mesh axes. The custom
+  VJP's cotangents vary like the product's operands together (a weight gradient summed over
+  sharded tokens varies over the token axes); casting the weight first makes autodiff insert the
+  matching psum in the backward pass. Outside shard_map: unchanged."""
+  vmas = [frozenset(getattr(getattr(jax.typeof(a), "mat", None), "varying", None) or ())
+          for a in arrays]
+  union = frozenset().union(*vmas)
+  return [a if v == union else jax.lax.pcast(a, tuple(sorted(union - v)), to="varying")
+          for a, v in zip(arrays, vmas)]
+
+
 def _pad_to(x, axis, multiple=BLOCK):
   extra = -x.shape[axis] % multiple
   if not extra:
@@ -155,6 +167,7 @@ def fp8_train_linear(x: jax.Array, w: jax.Array, *, backend: Fp8Backend) -> jax.
   n = w.shape[0]
   if w.ndim != 2 or w.shape[1] != k:
     raise ValueError(f"fp8_train_linear: {x.shape=} and weight {w.shape=} disagree on K")
+  x, w = _match_vma(x, w)
   x2 = _pad_to(_pad_to(x.reshape(-1, k), 0), 1)
   y = _linear(x2, _pad_to(_pad_to(w, 0), 1), backend)
   m = 1
@@ -229,6 +242,7 @@ def fp8_train_grouped_aligned(x: jax.Array, w: jax.Array, aligned_sizes: jax.Arr
   if w.ndim != 3 or w.shape[2] != k:
     raise ValueError(f"fp8_train_grouped_aligned: {x.shape=} and weight {w.shape=} disagree")
   n = w.shape[1]
+  x, w, aligned_sizes = _match_vma(x, w, aligned_sizes)
   y = _grouped(_pad_to(x, 1), _pad_to(_pad_to(w, 1), 2), aligned_sizes.astype(jnp.int32),
                backend)
   return y[:, :n]
