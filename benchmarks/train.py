@@ -82,7 +82,9 @@ def run_variant(cfg, name: str, args, mesh) -> dict:
   if args.profile:  # two more steps under the profiler, summarized by benchmarks/trace_summary.py
     from benchmarks.trace_summary import find_trace
     log_dir = os.path.join(args.profile, name.replace("/", "_"))
-    with jax.profiler.trace(log_dir):
+    opts = jax.profiler.ProfileOptions()
+    opts.python_tracer_level, opts.host_tracer_level = 0, 1  # device activity; a small trace
+    with jax.profiler.trace(log_dir, profiler_options=opts):
       for i in range(2):
         state, m = step(state, batches[i % 4])
       jax.block_until_ready((state, m))
