@@ -109,7 +109,8 @@ def main():
       t_f = timeit(jax.jit(fn), x, w, g, reps=r)
       t_fb = timeit(fwd_bwd(fn), x, w, g, dy, reps=r)
       rec[f"{label}_fwd_ms"], rec[f"{label}_fwdbwd_ms"] = t_f * 1e3, t_fb * 1e3
-      rec[f"{label}_fwd_tflops"], rec[f"{label}_fwdbwd_tflops"] = flop / t_f / 1e12, 3 * flop / t_fb / 1e12
+      rec[f"{label}_fwd_tflops"] = flop / t_f / 1e12
+      rec[f"{label}_fwdbwd_tflops"] = 3 * flop / t_fb / 1e12
     print(f"{name:>20}: err y/dx/dw {errs[0]:.1e}/{errs[1]:.1e}/{errs[2]:.1e} | " + "  ".join(
         f"{lb} fwd {rec[f'{lb}_fwd_ms']:.3f} ms ({rec[f'{lb}_fwd_tflops']:.0f} TF/s) fwd+bwd "
         f"{rec[f'{lb}_fwdbwd_ms']:.3f} ms ({rec[f'{lb}_fwdbwd_tflops']:.0f} TF/s)"

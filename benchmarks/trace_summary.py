@@ -65,8 +65,8 @@ def summarize(path: str, top: int = 30, steps: int = 1, match: str = "GPU") -> s
     for name, d in fam.most_common(12):
       out.append(f"   family {d / 1e3 / steps:9.2f} ms  {100 * d / busy:5.1f}%  {name}")
     for name, d in c.most_common(top):
-      out.append(f"   {d / 1e3 / steps:9.3f} ms  {100 * d / busy:5.1f}%  x{counts[line][name] // steps:<4} "
-                 f"{name[:110]}")
+      out.append(f"   {d / 1e3 / steps:9.3f} ms  {100 * d / busy:5.1f}%  "
+                 f"x{counts[line][name] // steps:<4} {name[:110]}")
   return "\n".join(out)
 
 

@@ -2,13 +2,14 @@
 
 x [M, K] holds rows sorted by group (group g owns group_sizes[g] consecutive rows); w [E, N, K]
 is in the checkpoint layout (one [out, in] matrix per expert). XLA:GPU runs
-`jax.lax.ragged_dot_general` roughly 10–30× slower than a wgmma kernel (docs/benchmarks.md), so
-on Hopper the three products of a training step go through JAX's own Mosaic GPU kernels
-(`jax.experimental.pallas.ops.gpu`), composed here under a `jax.custom_vjp`:
+`jax.lax.ragged_dot_general` 8–33× slower than these kernels forward, 16–57× forward +
+backward (H100, docs/benchmarks.md), so on Hopper the three products of a training step go
+through JAX's own Mosaic GPU kernels (`jax.experimental.pallas.ops.gpu`), composed here under a
+`jax.custom_vjp`:
 
-  forward   y  = x · w[g]ᵀ     ragged_dot(x, w, transpose_rhs=True)      [M, N]
-  dx        dx = dy · w[g]     ragged_dot(dy, w, transpose_rhs=False)    [M, K]  (w read as [E, N→K', K→N'])
-  dw        dw[g] = dy_gᵀ·x_g  transposed_ragged_dot(dy, x)             [E, N, K]
+  forward   y  = x · w[g]ᵀ     ragged_dot(x, w, transpose_rhs=True)     [M, N]
+  dx        dx = dy · w[g]     ragged_dot(dy, w, transpose_rhs=False)   [M, K]  (w as [E, K', N'])
+  dw        dw[g] = dy_gᵀ·x_g  transposed_ragged_dot(dy, x)            [E, N, K]
 
 All three accumulate in float32 and return the operands' dtype. The kernels' constraints, and
 what this wrapper does about them:
@@ -23,7 +24,8 @@ what this wrapper does about them:
   * one persistent CTA per SM (132 on H100/H200 SXM), Hopper (sm90) only: callers choose this
     path only on a resolved Mosaic backend (moe.grouped_matmul).
 
-The group loop of the forward kernel is unrolled over E at trace time (cheap for E ≤ 256).
+The forward kernel finds each tile's group with a loop over E that is unrolled at trace time
+(E scalar steps per tile).
 `Kernels` makes the two kernel entry points injectable, so that the custom VJP's wiring is
 tested on the CPU against `jax.lax.ragged_dot` with reference kernels (the Mosaic kernels
 compile only for a GPU).
@@ -41,7 +43,7 @@ import jax.numpy as jnp
 _DIMS = jax.lax.RaggedDotDimensionNumbers(  # x [M, K] · w [E, N, K] over K
     dot_dimension_numbers=(((1,), (2,)), ((), ())),
     lhs_ragged_dimensions=[0], rhs_group_dimensions=[0])
-_DIMS_NT = jax.lax.RaggedDotDimensionNumbers(  # dy [M, N] · w [E, N, K] over N
+_DIMS_NT = jax.lax.RaggedDotDimensionNumbers(  # dy [M, N] · w [E, N, K] over N → [M, K]
     dot_dimension_numbers=(((1,), (1,)), ((), ())),
     lhs_ragged_dimensions=[0], rhs_group_dimensions=[0])
 _DIMS_T = jax.lax.RaggedDotDimensionNumbers(  # dy [M, N], x [M, K] over the ragged M → [E, N, K]
@@ -78,7 +80,7 @@ class Configs:
 
   # H100, 65,536 rows over 32 experts ([512, 2048] and [2048, 512] weights): snake order over 4
   # N tiles made y 1.3-1.7x and dx 1.3-1.7x faster than grid_block_n=1; 6 stages for dw
-  # (docs/benchmarks.md, benchmarks/results/grouped_matmul_h100.txt).
+  # (docs/benchmarks.md, benchmarks/results/grouped_matmul_h100_run1.txt).
   fwd: TuningConfig = TuningConfig(grid_block_n=4)
   dx: TuningConfig = TuningConfig(grid_block_n=4)
   dw: TuningConfig = TuningConfig(max_concurrent_steps=6, grid_block_n=4)
@@ -101,8 +103,8 @@ def mosaic_ragged(lhs, rhs, group_sizes, *, transpose_rhs: bool, config: TuningC
 
 
 def mosaic_transposed(lhs, rhs, group_sizes, *, config: TuningConfig):
-  """Per group g: lhs_gᵀ · rhs_g with lhs [M, P], rhs [M, Q] → [G, P, Q] in lhs.dtype (zeros for
-  an empty group)."""
+  """Per group g: lhs_gᵀ · rhs_g with lhs [M, P], rhs [M, Q] → [G, P, Q] in lhs.dtype (zeros
+  for an empty group)."""
   from jax.experimental.pallas.ops.gpu import transposed_ragged_dot_mgpu as t
   return t.transposed_ragged_dot(
       lhs, rhs, group_sizes=group_sizes, block_m=config.block_m, block_n=config.block_n,
@@ -113,9 +115,7 @@ def mosaic_transposed(lhs, rhs, group_sizes, *, config: TuningConfig):
 def ragged_reference(lhs, rhs, group_sizes, *, transpose_rhs: bool, config=None):
   """`mosaic_ragged` in plain JAX (float32 accumulation, rows outside every group → 0)."""
   del config
-  dims = _DIMS if transpose_rhs else jax.lax.RaggedDotDimensionNumbers(
-      dot_dimension_numbers=(((1,), (1,)), ((), ())),
-      lhs_ragged_dimensions=[0], rhs_group_dimensions=[0])
+  dims = _DIMS if transpose_rhs else _DIMS_NT
   return jax.lax.ragged_dot_general(lhs, rhs, group_sizes, dims,
                                     preferred_element_type=jnp.float32).astype(lhs.dtype)
 

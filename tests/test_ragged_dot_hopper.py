@@ -151,7 +151,7 @@ def test_grouped_matmul_uses_it_on_compiled_mosaic_only(monkeypatch):
   assert spy.calls == []
 
 
-# ---- compiled on a Hopper GPU ---------------------------------------------------------------------
+# ---- compiled on a Hopper GPU -------------------------------------------------------------------
 @hopper_only
 @pytest.mark.parametrize("sizes,n,k", [
     ([100, 0, 37, 1, 150], 128, 256),        # empty and 1-row groups, ungrouped tail, padded M
