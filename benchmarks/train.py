@@ -1,14 +1,19 @@
 """Training throughput (tokens/s) and MFU of the full train step (forward, backward, AdamW,
 bias update) for a ~1B-parameter DeepSeek-style config, over random tokens.
 
-Variants differ in the routed-expert dispatch and the attention implementation:
-  capacity  expert buckets of ceil(1.25·M·K/E) rows (ExpertParallel, one batched matmul)
-  dropless  the model's sorted dispatch into jax.lax.ragged_dot (moe.grouped_matmul)
-and attention `cudnn` (jax.nn.dot_product_attention, fused) or `einsum` (mla.py's own form).
-MFU = tokens/s × FLOPs/token (dsv3_jax.flops: 6·active matmul params + causal attention) / peak.
+A variant is `dispatch/attention[/remat[/bBATCH]]`:
+  dispatch   capacity: expert buckets of ceil(1.25·M·K/E) rows (ExpertParallel, one batched
+             matmul); dropless: the model's sorted dispatch into moe.grouped_matmul (on Hopper
+             the Mosaic grouped matmul of pallas_kernels.ragged_dot_hopper, else ragged_dot)
+  attention  cudnn (jax.nn.dot_product_attention, fused) or einsum (mla.py's own form)
+  remat      per scanned layer: full (nothing_saveable), dots (dots_with_no_batch_dims_saveable),
+             none, or any jax.checkpoint_policies name; default --remat
+  bBATCH     sequences per step (default --batch)
+MFU = tokens/s × FLOPs/token (dsv3_jax.flops: 6·active matmul params + causal attention) / peak;
+rematerialised work is not counted.
 
   python benchmarks/train.py [--config configs/bench_1b.json] [--batch 8] [--seq-len 2048] \\
-      [--variants capacity/cudnn,dropless/cudnn] [--json out.jsonl]
+      [--variants capacity/cudnn/full,dropless/cudnn/none/b16] [--json out.jsonl]
 """
 
 from __future__ import annotations
@@ -33,18 +38,33 @@ from dsv3_jax.train_step import (OptimizerConfig, init_train_state, make_train_s
                                  state_shardings)
 
 
+REMAT = {"full": "nothing_saveable", "dots": "dots_with_no_batch_dims_saveable", "none": None}
+
+
+def parse_variant(name: str, args) -> tuple[str, str, str | None, int]:
+  """`dispatch/attention[/remat[/bBATCH]]` → (dispatch, attention, remat policy, batch)."""
+  parts = name.split("/")
+  if len(parts) < 2 or len(parts) > 4 or parts[0] not in ("capacity", "dropless") or (
+      parts[1] not in ("cudnn", "einsum")):
+    raise ValueError(f"variant {name!r}: expected capacity|dropless/cudnn|einsum[/remat[/bN]]")
+  remat = parts[2] if len(parts) > 2 else args.remat
+  remat = REMAT.get(remat, remat)
+  batch = int(parts[3].removeprefix("b")) if len(parts) > 3 else args.batch
+  return parts[0], parts[1], remat, batch
+
+
 def run_variant(cfg, name: str, args, mesh) -> dict:
-  dispatch_kind, attn = name.split("/")
+  dispatch_kind, attn, remat, batch = parse_variant(name, args)
   dispatch = (ExpertParallel(mesh, capacity_factor=args.capacity_factor)
               if dispatch_kind == "capacity" else None)
   oc = OptimizerConfig(lr=1e-4, warmup_steps=10, total_steps=1000)
   t0 = time.perf_counter()
   graphdef, state = init_train_state(cfg, oc, seed=0, mesh=mesh, dtype=jnp.bfloat16,
-                                     expert_dispatch=dispatch, remat=args.remat,
+                                     expert_dispatch=dispatch, remat=remat,
                                      attn_impl=None if attn == "einsum" else attn)
   step = make_train_step(graphdef, oc, shardings=state_shardings(state))
   keys = jax.random.split(jax.random.key(1), 4)
-  batches = [jax.device_put(jax.random.randint(k, (args.batch, args.seq_len + 1), 0,
+  batches = [jax.device_put(jax.random.randint(k, (batch, args.seq_len + 1), 0,
                                                cfg.vocab_size), batch_sharding(mesh))
              for k in keys]
   state, m = step(state, batches[0])  # compile + first step
@@ -58,14 +78,27 @@ def run_variant(cfg, name: str, args, mesh) -> dict:
     state, m = step(state, batches[i % 4])
   jax.block_until_ready((state, m))
   dt = (time.perf_counter() - t1) / args.steps
-  tokens = args.batch * args.seq_len
+  trace = None
+  if args.profile:  # two more steps under the profiler, summarized by benchmarks/trace_summary.py
+    from benchmarks.trace_summary import find_trace
+    log_dir = os.path.join(args.profile, name.replace("/", "_"))
+    opts = jax.profiler.ProfileOptions()
+    opts.python_tracer_level, opts.host_tracer_level = 0, 1  # device activity; a small trace
+    with jax.profiler.trace(log_dir, profiler_options=opts):
+      for i in range(2):
+        state, m = step(state, batches[i % 4])
+      jax.block_until_ready((state, m))
+    trace = find_trace(log_dir)
+  tokens = batch * args.seq_len
   flops = train_flops_per_token(cfg, args.seq_len) * tokens / dt
   peak = peak_flops(jax.devices()[0].device_kind)
   mem = (jax.devices()[0].memory_stats() or {}).get("peak_bytes_in_use")
-  return {"variant": name, "step_ms": dt * 1e3, "tokens_per_s": tokens / dt,
+  return {"variant": name, "remat": remat, "batch": batch, "step_ms": dt * 1e3,
+          "tokens_per_s": tokens / dt,
           "tflops_per_s": flops / 1e12, "mfu": flops / (peak * mesh.size) if peak else None,
           "loss": float(m["loss"]), "load_imbalance": float(m["load_imbalance"]),
-          "compile_and_first_step_s": compile_s, "peak_memory_gib": mem / 2**30 if mem else None}
+          "compile_and_first_step_s": compile_s, "peak_memory_gib": mem / 2**30 if mem else None,
+          "trace": trace}
 
 
 def main():
@@ -77,10 +110,14 @@ def main():
   ap.add_argument("--warmup", type=int, default=2, help="untimed steps after compiling")
   ap.add_argument("--variants", default="capacity/cudnn,dropless/cudnn,capacity/einsum")
   ap.add_argument("--capacity-factor", type=float, default=1.25)
-  ap.add_argument("--remat", help="jax.checkpoint_policies name per layer (default: none)")
+  ap.add_argument("--remat", help="default remat of the variants: full, dots, none or a "
+                  "jax.checkpoint_policies name (default: none)")
   ap.add_argument("--budget-s", type=float, default=1e9,
                   help="skip the remaining variants once this much time has passed")
   ap.add_argument("--json", help="append one JSON record per variant here")
+  ap.add_argument("--profile", help="profile two extra steps of each variant into DIR/<variant> "
+                  "and print where the GPU time went")
+  ap.add_argument("--profile-top", type=int, default=25, help="kernels listed per trace line")
   args = ap.parse_args()
   cfg = load_config(args.config)
   mesh = make_mesh(data=jax.device_count())
@@ -95,16 +132,20 @@ def main():
       continue
     try:
       rec = run_variant(cfg, name, args, mesh)
-      print(f"{name:>16}: {rec['step_ms']:8.1f} ms/step {rec['tokens_per_s']:>10,.0f} tok/s "
+      print(f"{name:>28}: {rec['step_ms']:8.1f} ms/step {rec['tokens_per_s']:>10,.0f} tok/s "
             f"{rec['tflops_per_s']:7.1f} TFLOP/s  MFU {rec['mfu'] or 0:6.1%}  "
             f"(compile+1st {rec['compile_and_first_step_s']:.0f}s, peak mem "
             f"{rec['peak_memory_gib'] or 0:.1f} GiB, loss {rec['loss']:.3f})", flush=True)
+      if rec["trace"]:
+        from benchmarks.trace_summary import summarize
+        print(summarize(rec["trace"], top=args.profile_top, steps=2), flush=True)
     except Exception as e:  # an OOM or an unsupported kernel: report and go on
       rec = {"variant": name, "error": f"{type(e).__name__}: {str(e)[:500]}"}
       print(f"{name}: FAILED {rec['error']}", flush=True)
       traceback.print_exc(limit=3)
-    rec.update(device=dev.device_kind, devices=jax.device_count(), batch=args.batch,
-               seq_len=args.seq_len, config=args.config)
+    rec.setdefault("batch", args.batch)
+    rec.update(device=dev.device_kind, devices=jax.device_count(), seq_len=args.seq_len,
+               config=args.config)
     if args.json:
       with open(args.json, "a") as f:
         f.write(json.dumps(rec) + "\n")
