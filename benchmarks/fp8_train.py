@@ -23,7 +23,6 @@ import gc
 import json
 import os
 import sys
-import time
 import traceback
 
 import jax
@@ -31,12 +30,11 @@ import jax.numpy as jnp
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks.fp8_gemm import _median_time  # noqa: E402
+from benchmarks.train import time_train_step  # noqa: E402
 from dsv3_jax import load_config  # noqa: E402
 from dsv3_jax.expert_parallel import ExpertParallel  # noqa: E402
 from dsv3_jax.flops import peak_flops, train_flops_per_token  # noqa: E402
-from dsv3_jax.sharding import batch_sharding, make_mesh  # noqa: E402
-from dsv3_jax.train_step import (OptimizerConfig, init_train_state, make_train_step,  # noqa: E402
-                                 state_shardings)
+from dsv3_jax.sharding import make_mesh  # noqa: E402
 from pallas_kernels import fp8_train_ops as F  # noqa: E402
 from pallas_kernels.fp8_ops import Fp8Backend  # noqa: E402
 
@@ -121,29 +119,11 @@ def bench_gemm(name, m, n, k, groups, kinds, reps_sets: int):
 
 def bench_step(cfg, precision: str, args, mesh) -> dict:
   dispatch = ExpertParallel(mesh, capacity_factor=args.capacity_factor)
-  oc = OptimizerConfig(lr=1e-4, warmup_steps=10, total_steps=1000)
-  t0 = time.perf_counter()
-  graphdef, state = init_train_state(cfg, oc, seed=0, mesh=mesh, dtype=jnp.bfloat16,
-                                     expert_dispatch=dispatch, remat=args.remat,
-                                     attn_impl=args.attn_impl, fp8_training=precision != "bf16",
-                                     fp8_backend=precision.split("/")[-1]
-                                     if precision != "bf16" else "auto")
-  step = make_train_step(graphdef, oc, shardings=state_shardings(state))
-  keys = jax.random.split(jax.random.key(1), 4)
-  batches = [jax.device_put(jax.random.randint(k, (args.batch, args.seq_len + 1), 0,
-                                               cfg.vocab_size), batch_sharding(mesh))
-             for k in keys]
-  state, m = step(state, batches[0])
-  jax.block_until_ready(m)
-  compile_s = time.perf_counter() - t0
-  for i in range(2):
-    state, m = step(state, batches[i % 4])
-  jax.block_until_ready(m)
-  t1 = time.perf_counter()
-  for i in range(args.steps):
-    state, m = step(state, batches[i % 4])
-  jax.block_until_ready((state, m))
-  dt = (time.perf_counter() - t1) / args.steps
+  kind = precision.split("/")[-1] if precision != "bf16" else "auto"
+  *_, m, compile_s, dt = time_train_step(
+      cfg, mesh, batch=args.batch, seq_len=args.seq_len, steps=args.steps, warmup=2,
+      expert_dispatch=dispatch, remat=args.remat, attn_impl=args.attn_impl,
+      fp8_training=precision != "bf16", fp8_backend=kind)
   tokens = args.batch * args.seq_len
   flops = train_flops_per_token(cfg, args.seq_len) * tokens / dt
   peak = peak_flops(jax.devices()[0].device_kind)

@@ -53,31 +53,38 @@ def parse_variant(name: str, args) -> tuple[str, str, str | None, int]:
   return parts[0], parts[1], remat, batch
 
 
+def time_train_step(cfg, mesh, *, batch: int, seq_len: int, steps: int, warmup: int,
+                    **model_kw):
+  """Builds the train state and step (model_kw: init_train_state's Transformer arguments),
+  runs it on 4 rotating random batches: (step, state, batches, last metrics, compile + first
+  step seconds, seconds per timed step)."""
+  oc = OptimizerConfig(lr=1e-4, warmup_steps=10, total_steps=1000)
+  t0 = time.perf_counter()
+  graphdef, state = init_train_state(cfg, oc, seed=0, mesh=mesh, dtype=jnp.bfloat16, **model_kw)
+  step = make_train_step(graphdef, oc, shardings=state_shardings(state))
+  keys = jax.random.split(jax.random.key(1), 4)
+  batches = [jax.device_put(jax.random.randint(k, (batch, seq_len + 1), 0, cfg.vocab_size),
+                            batch_sharding(mesh)) for k in keys]
+  state, m = step(state, batches[0])  # compile + first step
+  jax.block_until_ready(m)
+  compile_s = time.perf_counter() - t0
+  for i in range(warmup):
+    state, m = step(state, batches[i % 4])
+  jax.block_until_ready(m)
+  t1 = time.perf_counter()
+  for i in range(steps):
+    state, m = step(state, batches[i % 4])
+  jax.block_until_ready((state, m))
+  return step, state, batches, m, compile_s, (time.perf_counter() - t1) / steps
+
+
 def run_variant(cfg, name: str, args, mesh) -> dict:
   dispatch_kind, attn, remat, batch = parse_variant(name, args)
   dispatch = (ExpertParallel(mesh, capacity_factor=args.capacity_factor)
               if dispatch_kind == "capacity" else None)
-  oc = OptimizerConfig(lr=1e-4, warmup_steps=10, total_steps=1000)
-  t0 = time.perf_counter()
-  graphdef, state = init_train_state(cfg, oc, seed=0, mesh=mesh, dtype=jnp.bfloat16,
-                                     expert_dispatch=dispatch, remat=remat,
-                                     attn_impl=None if attn == "einsum" else attn)
-  step = make_train_step(graphdef, oc, shardings=state_shardings(state))
-  keys = jax.random.split(jax.random.key(1), 4)
-  batches = [jax.device_put(jax.random.randint(k, (batch, args.seq_len + 1), 0,
-                                               cfg.vocab_size), batch_sharding(mesh))
-             for k in keys]
-  state, m = step(state, batches[0])  # compile + first step
-  jax.block_until_ready(m)
-  compile_s = time.perf_counter() - t0
-  for i in range(args.warmup):
-    state, m = step(state, batches[i % 4])
-  jax.block_until_ready(m)
-  t1 = time.perf_counter()
-  for i in range(args.steps):
-    state, m = step(state, batches[i % 4])
-  jax.block_until_ready((state, m))
-  dt = (time.perf_counter() - t1) / args.steps
+  step, state, batches, m, compile_s, dt = time_train_step(
+      cfg, mesh, batch=batch, seq_len=args.seq_len, steps=args.steps, warmup=args.warmup,
+      expert_dispatch=dispatch, remat=remat, attn_impl=None if attn == "einsum" else attn)
   trace = None
   if args.profile:  # two more steps under the profiler, summarized by benchmarks/trace_summary.py
     from benchmarks.trace_summary import find_trace

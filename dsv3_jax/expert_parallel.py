@@ -31,8 +31,8 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh, PartitionSpec as P
 
-from dsv3_jax.layers import dequantize_blocks
-from dsv3_jax.moe import Experts, Routing, grouped_matmul
+from dsv3_jax.layers import dequantize_blocks, lowp_product
+from dsv3_jax.moe import Experts, Routing, grouped_matmul, permute_rows, unpermute_rows
 from pallas_kernels.fp8_ops import Fp8Backend
 from pallas_kernels.fp8_train_ops import fp8_train_grouped, fp8_train_grouped_aligned
 
@@ -120,12 +120,12 @@ class _Body:
     flat = idx.reshape(-1)                                  # [m·K] expert of each pair
     order = jnp.argsort(flat, stable=True)                  # pairs sorted by expert
     sorted_e = flat[order]
-    xs = jnp.take(x, order // k, axis=0)                    # [m·K, D] rows in expert order
+    xs = permute_rows(x, order, k)                          # [m·K, D] rows in expert order
     if self.capacity_factor is None:
       ys = self._dropless(xs, sorted_e, weights)
     else:
       ys = self._bucketed(xs, sorted_e, weights)
-    y = jnp.zeros_like(ys).at[order].set(ys).reshape(m, k, -1)  # back to (token, slot) order
+    y = unpermute_rows(ys, order).reshape(m, k, -1)         # back to (token, slot) order
     return jnp.einsum("mkd,mk->md", y.astype(jnp.float32), route_w).astype(x.dtype)
 
   def _a2a(self, buf):
@@ -198,11 +198,12 @@ class _Body:
         and "gate_proj_scale_inv" not in weights):
       out = self._reduce_tensor(self._fp8_buckets(h_in, weights))
     else:
-      f32 = jnp.float32
-      g = jnp.einsum("ecd,efd->ecf", h_in, w("gate_proj"), preferred_element_type=f32)
-      u = jnp.einsum("ecd,efd->ecf", h_in, w("up_proj"), preferred_element_type=f32)
+      mm = lambda spec, a, b: lowp_product(
+          lambda a, b, t: jnp.einsum(spec, a, b, preferred_element_type=t), a, b)
+      g = mm("ecd,efd->ecf", h_in, w("gate_proj"))
+      u = mm("ecd,efd->ecf", h_in, w("up_proj"))
       h = (jax.nn.silu(g) * u).astype(xs.dtype)
-      out = jnp.einsum("ecf,edf->ecd", h, w("down_proj"), preferred_element_type=f32)
+      out = mm("ecf,edf->ecd", h, w("down_proj"))
       out = self._reduce_tensor(out.astype(xs.dtype))
     out = out.reshape(e_local, self.n_ep, cap, d).transpose(1, 0, 2, 3)
     back = self._a2a(out).reshape(e, cap, d)

@@ -37,6 +37,41 @@ def scale_shape(out_features: int, in_features: int) -> tuple[int, int]:
   return (math.ceil(out_features / FP8_BLOCK), math.ceil(in_features / FP8_BLOCK))
 
 
+def lowp_product(fn, a: jax.Array, b: jax.Array, *extra: jax.Array) -> jax.Array:
+  """fn(a, b, float32) — a matrix product of low-precision operands with float32 accumulation
+  and result — whose backward pass runs in the operands' dtype.
+
+  Differentiating `dot(a, b, preferred_element_type=f32)` directly hands the transposed
+  products a float32 cotangent, so XLA runs them as float32 (TF32 on NVIDIA) GEMMs after
+  converting both bf16 operands: half the tensor-core rate plus conversion passes (on the H100
+  the float32 GEMMs were 32 % of a 1B training step; docs/benchmarks.md). Here the cotangent is rounded to the operands' dtype
+  first (exact when it came through a cast to that dtype, as in `Linear`) and the transposed
+  products accumulate in float32 and round to that dtype, as the forward does.
+
+  Args:
+    fn: (a, b, out_dtype, *extra) → the product; linear in a and in b. It must not close over
+      traced values: pass them (e.g. group sizes) through `extra` (not differentiated).
+    a, b: operands of one dtype; float32 operands take the plain product.
+  """
+  if a.dtype == jnp.float32 or a.dtype != b.dtype:
+    return fn(a, b, jnp.float32, *extra)
+
+  @jax.custom_vjp
+  def prod(a, b, *extra):
+    return fn(a, b, jnp.float32, *extra)
+
+  def fwd(a, b, *extra):
+    return prod(a, b, *extra), (a, b, extra)
+
+  def bwd(res, g):
+    a, b, extra = res
+    _, pull = jax.vjp(lambda a, b: fn(a, b, a.dtype, *extra), a, b)
+    return (*pull(g.astype(a.dtype)), *(None for _ in extra))
+
+  prod.defvjp(fwd, bwd)
+  return prod(a, b, *extra)
+
+
 def dequantize_blocks(w: jax.Array, scale_inv: jax.Array, dtype=jnp.float32) -> jax.Array:
   """W = W_fp8 · scale_inv[n // 128, k // 128] (DeepSeek's `weight_scale_inv` is a multiplier).
 
@@ -111,7 +146,8 @@ class Linear(nnx.Module):
       return fp8_linear(x, self.weight[...], self.weight_scale_inv[...],
                         backend=self.fp8_backend, out_dtype=out_dtype or x.dtype)
     w = self.dense_weight(x.dtype)
-    y = jnp.einsum("...k,nk->...n", x, w, preferred_element_type=jnp.float32)
+    y = lowp_product(lambda a, b, t: jnp.einsum("...k,nk->...n", a, b, preferred_element_type=t),
+                     x, w)
     return y.astype(out_dtype or x.dtype)
 
 

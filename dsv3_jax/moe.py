@@ -15,7 +15,8 @@ from flax import nnx
 
 from dsv3_jax.balance import routing_stats
 from dsv3_jax.config import ModelConfig
-from dsv3_jax.layers import Linear, _normal, dequantize_blocks, param, quantize_blocks
+from dsv3_jax.layers import (Linear, _normal, dequantize_blocks, lowp_product, param,
+                             quantize_blocks)
 from pallas_kernels.fp8_ops import Fp8Backend, fp8_grouped_linear
 from pallas_kernels.fp8_train_ops import align_groups, fp8_train_grouped, fp8_train_grouped_aligned
 from pallas_kernels.ragged_dot_hopper import ragged_dot_hopper
@@ -88,6 +89,19 @@ class Router(nnx.Module):
     return Routing(weights * cfg.routed_scaling_factor, experts.astype(jnp.int32), scores)
 
 
+def permute_rows(x: jax.Array, order: jax.Array, k: int) -> jax.Array:
+  """Rows of x, each repeated k times, in `order` (a permutation of M·K): x [M, D] → [M·K, D],
+  row i = x[order[i] // k]. Written as a gather with unique indices over the repeated rows, so
+  that its transpose (the backward pass) is a plain scatter, not an atomic scatter-add of k
+  duplicates per token (XLA:GPU's slowest pattern here)."""
+  return jnp.repeat(x, k, axis=0).at[order].get(unique_indices=True)
+
+
+def unpermute_rows(ys: jax.Array, order: jax.Array) -> jax.Array:
+  """The inverse of permute_rows' ordering: y[order[i]] = ys[i] (a scatter of unique rows)."""
+  return jnp.zeros_like(ys).at[order].set(ys, unique_indices=True)
+
+
 def grouped_matmul(x: jax.Array, w: jax.Array, group_sizes: jax.Array,
                    scale_inv: jax.Array | None = None,
                    fp8_backend: Fp8Backend | None = None) -> jax.Array:
@@ -117,8 +131,9 @@ def grouped_matmul(x: jax.Array, w: jax.Array, group_sizes: jax.Array,
   if (fp8_backend is not None and fp8_backend.kind == "mosaic" and not fp8_backend.interpret
       and x.dtype == jnp.bfloat16):
     return ragged_dot_hopper(x, w, group_sizes)  # XLA:GPU's ragged_dot is 10-30x slower
-  y = jax.lax.ragged_dot_general(x, w.astype(x.dtype), group_sizes, _RAGGED_DIMS,
-                                 preferred_element_type=jnp.float32)
+  y = lowp_product(lambda a, b, t, gs: jax.lax.ragged_dot_general(a, b, gs, _RAGGED_DIMS,
+                                                                  preferred_element_type=t),
+                   x, w.astype(x.dtype), group_sizes)
   return y.astype(x.dtype)
 
 
@@ -167,14 +182,14 @@ class Experts(nnx.Module):
     flat = routing.experts.reshape(-1)                     # [M·K] expert of each (token, slot)
     order = jnp.argsort(flat, stable=True)                 # sort (token, slot) pairs by expert
     group_sizes = jnp.bincount(flat, length=self.num_experts).astype(jnp.int32)
-    xs = jnp.take(x, order // k, axis=0)                   # [M·K, D] tokens in expert order
+    xs = permute_rows(x, order, k)                         # [M·K, D] tokens in expert order
     if fp8_training:
       ys = self._fp8_training(xs, group_sizes)
     else:
       h = jax.nn.silu(self._mm(xs, "gate_proj", group_sizes)) * self._mm(xs, "up_proj",
                                                                           group_sizes)
       ys = self._mm(h, "down_proj", group_sizes)           # [M·K, D]
-    y = jnp.zeros_like(ys).at[order].set(ys).reshape(m, k, -1)  # back to (token, slot) order
+    y = unpermute_rows(ys, order).reshape(m, k, -1)        # back to (token, slot) order
     return jnp.einsum("mkd,mk->md", y.astype(jnp.float32), routing.weights).astype(x.dtype)
 
 

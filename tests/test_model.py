@@ -86,3 +86,27 @@ def test_every_parameter_has_logical_axes(tiny):
   for path, var in nnx.to_flat_state(state):
     axes = var.get_metadata().get("out_sharding")
     assert axes is not None and len(axes) == var.get_value().ndim, path
+
+
+def test_lowp_product_backward_runs_in_the_operands_dtype():
+  """Linear's product: the forward is bf16 × bf16 → f32, unchanged; the backward's transposed
+  products take bf16 operands (no float32 GEMM) and match float32 autodiff to bf16 rounding."""
+  from dsv3_jax.layers import lowp_product
+  ks = jax.random.split(jax.random.key(0), 3)
+  x = jax.random.normal(ks[0], (64, 256), jnp.bfloat16)
+  w = jax.random.normal(ks[1], (128, 256), jnp.bfloat16)
+  g = jax.random.normal(ks[2], (64, 128), jnp.float32).astype(jnp.bfloat16).astype(jnp.float32)
+  fn = lambda a, b, t: jnp.einsum("mk,nk->mn", a, b, preferred_element_type=t)
+  y, pull = jax.vjp(lambda a, b: lowp_product(fn, a, b), x, w)
+  assert y.dtype == jnp.float32
+  np.testing.assert_array_equal(np.asarray(y), np.asarray(fn(x, w, jnp.float32)))
+  dx, dw = pull(g)
+  assert dx.dtype == dw.dtype == jnp.bfloat16
+  xf, wf = x.astype(jnp.float32), w.astype(jnp.float32)
+  np.testing.assert_allclose(np.asarray(dx, np.float32), np.asarray(g @ wf), rtol=1e-2, atol=1e-1)
+  np.testing.assert_allclose(np.asarray(dw, np.float32), np.asarray(g.T @ xf), rtol=1e-2,
+                             atol=1e-1)
+  jaxpr = jax.make_jaxpr(lambda a, b: jax.vjp(lambda a, b: lowp_product(fn, a, b), a, b)[1](g))(
+      x, w)
+  dots = [e for e in jaxpr.jaxpr.eqns if e.primitive.name == "dot_general"]
+  assert dots and all(v.aval.dtype == jnp.bfloat16 for e in dots for v in e.invars), dots
