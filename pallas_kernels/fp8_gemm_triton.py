@@ -93,21 +93,29 @@ def scaled_slab(a_ref, sa_ref, b_ref, sb_ref, kb, rows, row_ok, n0, col_ok, *, b
   return p * sa[:, None] * jnp.where(cols < BLOCK, sb_lo, sb_hi)[None, :]
 
 
-def _kernel(a_ref, sa_ref, b_ref, sb_ref, o_ref, *, m: int, n: int, k: int,
-            config: TuningConfig):
+def tile_product(pid, a_ref, sa_ref, b_ref, sb_ref, kb_start, kb_end, *, m: int, n: int,
+                 config: TuningConfig, b_rowwise: bool = False):
+  """Program `pid`'s output tile (grouped order): Σ over K slabs kb_start..kb_end of
+  scaled_slab, in float32. Returns (acc [bm, bn], rows, cols, mask) to store it with."""
   bm, bn = config.block_m, config.block_n
-  pid_m, pid_n = tile_index(pl.program_id(0), pl.cdiv(m, bm), pl.cdiv(n, bn), config.group_m)
+  pid_m, pid_n = tile_index(pid, pl.cdiv(m, bm), pl.cdiv(n, bn), config.group_m)
   row_ok = pid_m * bm + jax.lax.broadcasted_iota(jnp.int32, (bm,), 0) < m
   col_ok = pid_n * bn + jax.lax.broadcasted_iota(jnp.int32, (bn,), 0) < n
   rows = pl.ds(pid_m * bm, bm)
 
   def body(kb, acc):
     return acc + scaled_slab(a_ref, sa_ref, b_ref, sb_ref, kb, rows, row_ok, pid_n * bn, col_ok,
-                             block_n=bn, n_blocks=pl.cdiv(n, BLOCK))
+                             block_n=bn, n_blocks=pl.cdiv(n, BLOCK), b_rowwise=b_rowwise)
 
-  acc = jax.lax.fori_loop(0, k // BLOCK, body, jnp.zeros((bm, bn), jnp.float32))
-  plgpu.store(o_ref.at[rows, pl.ds(pid_n * bn, bn)], acc.astype(o_ref.dtype),
-              mask=row_ok[:, None] & col_ok[None, :])
+  acc = jax.lax.fori_loop(kb_start, kb_end, body, jnp.zeros((bm, bn), jnp.float32))
+  return acc, rows, pl.ds(pid_n * bn, bn), row_ok[:, None] & col_ok[None, :]
+
+
+def _kernel(a_ref, sa_ref, b_ref, sb_ref, o_ref, *, m: int, n: int, k: int,
+            config: TuningConfig):
+  acc, rows, cols, mask = tile_product(pl.program_id(0), a_ref, sa_ref, b_ref, sb_ref, 0,
+                                       k // BLOCK, m=m, n=n, config=config)
+  plgpu.store(o_ref.at[rows, cols], acc.astype(o_ref.dtype), mask=mask)
 
 
 @functools.partial(jax.jit, static_argnames=("out_dtype", "config", "interpret"))

@@ -26,8 +26,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from pallas_kernels.fp8_gemm_triton import (BLOCK, FP8, TuningConfig, out_struct, scaled_slab,
-                                            tile_index)
+from pallas_kernels.fp8_gemm_triton import BLOCK, FP8, TuningConfig, out_struct, tile_product
 
 
 def default_config(m: int, n: int) -> TuningConfig:
@@ -37,20 +36,11 @@ def default_config(m: int, n: int) -> TuningConfig:
 
 def _kernel(off_ref, a_ref, sa_ref, b_ref, sb_ref, o_ref, *, m: int, n: int,
             config: TuningConfig):
-  bm, bn = config.block_m, config.block_n
   g = pl.program_id(0)
-  pid_m, pid_n = tile_index(pl.program_id(1), pl.cdiv(m, bm), pl.cdiv(n, bn), config.group_m)
-  row_ok = pid_m * bm + jax.lax.broadcasted_iota(jnp.int32, (bm,), 0) < m
-  col_ok = pid_n * bn + jax.lax.broadcasted_iota(jnp.int32, (bn,), 0) < n
-  rows = pl.ds(pid_m * bm, bm)
-
-  def body(kb, acc):
-    return acc + scaled_slab(a_ref, sa_ref, b_ref, sb_ref, kb, rows, row_ok, pid_n * bn, col_ok,
-                             block_n=bn, n_blocks=pl.cdiv(n, BLOCK), b_rowwise=True)
-
-  acc = jax.lax.fori_loop(off_ref[g], off_ref[g + 1], body, jnp.zeros((bm, bn), jnp.float32))
-  plgpu.store(o_ref.at[g, rows, pl.ds(pid_n * bn, bn)], acc.astype(o_ref.dtype),
-              mask=row_ok[:, None] & col_ok[None, :])
+  acc, rows, cols, mask = tile_product(pl.program_id(1), a_ref, sa_ref, b_ref, sb_ref,
+                                       off_ref[g], off_ref[g + 1], m=m, n=n, config=config,
+                                       b_rowwise=True)
+  plgpu.store(o_ref.at[g, rows, cols], acc.astype(o_ref.dtype), mask=mask)
 
 
 def check_operands(a, sa, b, sb, block_offsets) -> tuple[int, int, int]:
