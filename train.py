@@ -275,6 +275,12 @@ def main(argv=None) -> int:
                                      fp8_training=args.precision == "fp8",
                                      fp8_backend=args.fp8_backend)
   shardings = state_shardings(state)
+  platform = jax.devices()[0].platform
+  if args.precision == "fp8" and platform != "gpu":
+    say(f"note: --precision fp8 on {platform}: "
+        + ("TPU has no FP8 block-scaled GEMMs here, so the model trains in bf16"
+           if platform == "tpu" else "the FP8 GEMMs run as their float32 emulation (exact but "
+           "slow: meant for tests; the kernels need an FP8-capable GPU)"))
   position = 0
   if latest is not None:
     state, meta = ckpt.restore(state)
