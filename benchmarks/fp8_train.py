@@ -62,8 +62,8 @@ def projections(cfg, tokens: int, capacity_factor: float):
   return out
 
 
-def bench_gemm(name, m, n, k, groups, kinds, reps_sets: int):
-  keys = jax.random.split(jax.random.key(hash(name) % 2**31), 3 * reps_sets)
+def bench_gemm(name, m, n, k, groups, kinds, reps_sets: int, seed: int = 0):
+  keys = jax.random.split(jax.random.key(seed), 3 * reps_sets)
   sets = []
   for i in range(reps_sets):
     x = jax.random.normal(keys[3 * i], (m, k), jnp.bfloat16)
@@ -160,8 +160,9 @@ def main():
   if not args.skip_gemm:
     print(f"{'gemm':>16} {'M':>6} {'N':>5} {'K':>5} {'method':>11} {'ms':>8} {'TF/s':>7} "
           f"{'err y/dx/dw vs bf16':>24}", flush=True)
-    for name, m, n, k, g in projections(cfg, args.batch * args.seq_len, args.capacity_factor):
-      for r in bench_gemm(name, m, n, k, g, kinds, args.sets):
+    for i, (name, m, n, k, g) in enumerate(projections(cfg, args.batch * args.seq_len,
+                                                       args.capacity_factor)):
+      for r in bench_gemm(name, m, n, k, g, kinds, args.sets, seed=i):
         records.append(r)
         if "error" in r:
           print(f"{name:>16} {r['method']:>11} FAILED {r['error']}", flush=True)

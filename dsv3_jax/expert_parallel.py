@@ -92,11 +92,11 @@ class ExpertParallel:
     rows = P(self.batch_axes)
     body = _Body(n_ep=n_ep, num_experts=num_e, axis=self.expert_axis, tensor_axis=tp,
                  capacity_factor=self.capacity_factor, fp8_backend=experts.fp8_backend)
-    # Pallas kernels inside shard_map (FP8 kernels; the bf16 Mosaic grouped matmul): JAX 0.11's
-    # Pallas interpreter (the CPU tests) cannot type-check varying manual axes, so the kernel
-    # backends run with check_vma=False (then shard_map's transpose sums the replicated
-    # weights' gradients itself; tested against the XLA backend's check_vma=True program in
-    # tests/test_fp8_training.py).
+    # Pallas kernels inside shard_map (FP8 kernels; the bf16 Mosaic grouped matmul): with
+    # check_vma, Pallas wants every output's varying mesh axes spelled out, and JAX 0.11's Pallas
+    # interpreter (the CPU tests) cannot type-check them at all, so the kernel backends run with
+    # check_vma=False (then shard_map's transpose sums the replicated weights' gradients itself;
+    # tested against the XLA backend's check_vma=True program in tests/test_fp8_training.py).
     kernels = experts.fp8_backend.kind != "xla"
     return jax.shard_map(body, mesh=self.mesh, in_specs=(rows, rows, rows, specs),
                          out_specs=rows, check_vma=not kernels)(

@@ -18,9 +18,9 @@ from flax import nnx
 from dsv3_jax.config import ModelConfig, yarn_mscale
 from pallas_kernels.fp8_ops import Fp8Backend, fp8_linear
 from pallas_kernels.fp8_train_ops import fp8_train_linear
+from pallas_kernels.weight_dequant import weight_quant_reference
 
 FP8_BLOCK = 128
-FP8_DTYPE = jnp.float8_e4m3fn
 
 
 def param(value, axes: tuple[str | None, ...]) -> nnx.Param:
@@ -44,9 +44,10 @@ def lowp_product(fn, a: jax.Array, b: jax.Array, *extra: jax.Array) -> jax.Array
   Differentiating `dot(a, b, preferred_element_type=f32)` directly hands the transposed
   products a float32 cotangent, so XLA runs them as float32 (TF32 on NVIDIA) GEMMs after
   converting both bf16 operands: half the tensor-core rate plus conversion passes (on the H100
-  the float32 GEMMs were 32 % of a 1B training step; docs/benchmarks.md). Here the cotangent is rounded to the operands' dtype
-  first (exact when it came through a cast to that dtype, as in `Linear`) and the transposed
-  products accumulate in float32 and round to that dtype, as the forward does.
+  the float32 GEMMs were 32 % of a 1B training step; docs/benchmarks.md). Here the cotangent is
+  rounded to the operands' dtype first (exact when it came through a cast to that dtype, as in
+  `Linear`) and the transposed products accumulate in float32 and round to that dtype, as the
+  forward does.
 
   Args:
     fn: (a, b, out_dtype, *extra) → the product; linear in a and in b. It must not close over
@@ -158,16 +159,10 @@ def quantize_blocks(w: jax.Array) -> tuple[jax.Array, jax.Array]:
     w: [..., N, K] float weight.
   Returns:
     (e4m3 [..., N, K], float32 scale_inv [..., ceil(N/128), ceil(K/128)]) with
-    scale_inv = amax(block) / 448, so that w ≈ e4m3 · scale_inv.
+    scale_inv = amax(block) / 448, so that w ≈ e4m3 · scale_inv
+    (pallas_kernels.weight_dequant.weight_quant_reference).
   """
-  *lead, n, k = w.shape
-  bn, bk = scale_shape(n, k)
-  pad = jnp.zeros((*lead, bn * FP8_BLOCK, bk * FP8_BLOCK), jnp.float32)
-  pad = pad.at[..., :n, :k].set(w.astype(jnp.float32))
-  blocks = pad.reshape(*lead, bn, FP8_BLOCK, bk, FP8_BLOCK)
-  scale = jnp.maximum(jnp.abs(blocks).max(axis=(-3, -1)), 1e-12) / 448.0
-  q = (blocks / scale[..., :, None, :, None]).reshape(pad.shape)[..., :n, :k]
-  return q.astype(FP8_DTYPE), scale
+  return weight_quant_reference(w)
 
 
 class Embed(nnx.Module):

@@ -18,8 +18,9 @@ from dsv3_jax.config import ModelConfig
 from dsv3_jax.layers import (Linear, _normal, dequantize_blocks, lowp_product, param,
                              quantize_blocks)
 from pallas_kernels.fp8_ops import Fp8Backend, fp8_grouped_linear
-from pallas_kernels.fp8_train_ops import align_groups, fp8_train_grouped, fp8_train_grouped_aligned
-from pallas_kernels.ragged_dot_hopper import ragged_dot_hopper
+from pallas_kernels.fp8_train_ops import (fp8_train_grouped, fp8_train_grouped_aligned,
+                                          to_aligned_rows)
+from pallas_kernels.ragged_dot_hopper import ragged_dot_hopper, supported as ragged_dot_supported
 
 _RAGGED_DIMS = jax.lax.RaggedDotDimensionNumbers(
     dot_dimension_numbers=(((1,), (2,)), ((), ())),  # x [M, K] · w [E, N, K] over K
@@ -129,7 +130,7 @@ def grouped_matmul(x: jax.Array, w: jax.Array, group_sizes: jax.Array,
   if scale_inv is not None:
     w = dequantize_blocks(w, scale_inv, x.dtype)
   if (fp8_backend is not None and fp8_backend.kind == "mosaic" and not fp8_backend.interpret
-      and x.dtype == jnp.bfloat16):
+      and x.dtype == jnp.bfloat16 and ragged_dot_supported(x, w)):
     return ragged_dot_hopper(x, w, group_sizes)  # XLA:GPU's ragged_dot is 10-30x slower
   y = lowp_product(lambda a, b, t, gs: jax.lax.ragged_dot_general(a, b, gs, _RAGGED_DIMS,
                                                                   preferred_element_type=t),
@@ -197,8 +198,7 @@ class Experts(nnx.Module):
     """The three projections under the FP8 training recipe, on rows laid out once in the
     128-aligned contiguous layout (each expert's rows padded to a multiple of 128, so that the
     weight gradient's 128-token tiles never straddle two experts). xs: [R, D] sorted rows."""
-    dest, sizes, length = align_groups(group_sizes, xs.shape[0])
-    xp = jnp.zeros((length, xs.shape[1]), xs.dtype).at[dest].set(xs, unique_indices=True)
+    xp, sizes, dest = to_aligned_rows(xs, group_sizes)
     mm = lambda a, name: fp8_train_grouped_aligned(a, getattr(self, name)[...], sizes,
                                                    backend=self.fp8_backend)
     h = jax.nn.silu(mm(xp, "gate_proj")) * mm(xp, "up_proj")   # padding rows stay zero

@@ -28,9 +28,9 @@ class TuningConfig:
   num_warps: int = 4
 
 
-def _scale(amax: jax.Array, scale_fmt: str | None) -> jax.Array:
+def _scale(amax: jax.Array, scale_fmt: str | None, amax_floor: float = AMAX_FLOOR) -> jax.Array:
   """s = max(amax, 1e-4) / 448, optionally rounded up to a power of two (exact, by bits)."""
-  s = jnp.maximum(amax, AMAX_FLOOR) / E4M3_MAX
+  s = jnp.maximum(amax, amax_floor) / E4M3_MAX
   if scale_fmt == "ue8m0":
     # s > 0 and normal: adding the mantissa mask carries into the exponent unless the mantissa
     # is zero (already a power of two); clearing the mantissa then gives 2^ceil(log2 s).
@@ -92,11 +92,13 @@ def _check(x: jax.Array, scale_fmt) -> None:
     raise ValueError(f"{x.dtype=} must be float16, bfloat16 or float32")
 
 
-def act_quant_reference(x: jax.Array, scale_fmt: str | None = None) -> tuple[jax.Array, jax.Array]:
-  """Pure-jnp act_quant: same signature and result."""
+def act_quant_reference(x: jax.Array, scale_fmt: str | None = None, *,
+                        amax_floor: float = AMAX_FLOOR) -> tuple[jax.Array, jax.Array]:
+  """Pure-jnp act_quant: same signature and result. amax_floor: the smallest amax a tile's scale
+  is computed from (DeepSeek's inference uses 1e-4; training gradients need a far lower one)."""
   _check(x, scale_fmt)
   *lead, k = x.shape
   xb = x.astype(jnp.float32).reshape(*lead, k // BLOCK, BLOCK)
-  s = _scale(jnp.max(jnp.abs(xb), axis=-1), scale_fmt)
+  s = _scale(jnp.max(jnp.abs(xb), axis=-1), scale_fmt, amax_floor)
   q = jnp.clip(xb / s[..., None], -E4M3_MAX, E4M3_MAX).astype(jnp.float8_e4m3fn)
   return q.reshape(x.shape), s

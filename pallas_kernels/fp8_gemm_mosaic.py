@@ -23,7 +23,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from pallas_kernels.fp8_gemm_triton import BLOCK, check_operands, fp8_gemm_reference, out_struct
+from pallas_kernels.fp8_gemm_triton import BLOCK, check_operands, fp8_gemm_reference
 
 WG_M = 64  # rows per compute warpgroup: Hopper's wgmma M
 SMEM_BYTES = 227 * 1024 - 2048  # per-block shared memory on sm90, less barriers and scratch
@@ -213,7 +213,7 @@ def fp8_gemm_mosaic_t(a: jax.Array, sa_t: jax.Array, b: jax.Array, sb: jax.Array
   out_shape = (config.k_splits, mp, np_) if split_k else (mp, np_)
   out = plgpu.kernel(
       functools.partial(_kernel, m=mp, n=np_, k=k, n_blocks=sb.shape[0], config=config),
-      out_type=out_struct(out_shape, acc_dtype, a, b),
+      out_type=jax.ShapeDtypeStruct(out_shape, acc_dtype),
       grid=(sms,),
       grid_names=("sm",),
       num_threads=3,

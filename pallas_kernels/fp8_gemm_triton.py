@@ -36,14 +36,6 @@ class TuningConfig:
       raise ValueError(f"{self.block_n=} must be one of 16, 32, 64, 128, 256")
 
 
-def out_struct(shape, dtype, *like: jax.Array) -> jax.ShapeDtypeStruct:
-  """A kernel's output type. Inside a `shard_map` (with check_vma) Pallas needs the output's
-  manual-axis type: it varies over the mesh axes its most-varying input varies over."""
-  mats = [jax.typeof(a).mat for a in like]
-  mat = max(mats, key=lambda m: len(m.varying)) if mats else None
-  return jax.ShapeDtypeStruct(shape, dtype, manual_axis_type=mat)
-
-
 def default_config(m: int, n: int, k: int) -> TuningConfig:
   """Tiles by problem size: small M streams the weight with narrow N tiles (more programs)."""
   del k
@@ -137,7 +129,7 @@ def fp8_gemm_triton(a: jax.Array, sa: jax.Array, b: jax.Array, sb: jax.Array, *,
   grid = pl.cdiv(m, config.block_m) * pl.cdiv(n, config.block_n)
   return pl.pallas_call(
       functools.partial(_kernel, m=m, n=n, k=k, config=config),
-      out_shape=out_struct((m, n), out_dtype, a, b),
+      out_shape=jax.ShapeDtypeStruct((m, n), out_dtype),
       grid=(grid,),
       compiler_params=plgpu.CompilerParams(num_warps=config.num_warps,
                                            num_stages=config.num_stages),

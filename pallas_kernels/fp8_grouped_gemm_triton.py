@@ -20,7 +20,7 @@ from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels.fp8_gemm_triton import (BLOCK, TuningConfig, check_operands,
                                             dequantize_activations, dequantize_weight,
-                                            out_struct, scaled_slab)
+                                            scaled_slab)
 
 
 def default_config(m: int, n: int, k: int, num_groups: int) -> TuningConfig:
@@ -101,7 +101,7 @@ def fp8_grouped_gemm_triton(a: jax.Array, sa: jax.Array, b: jax.Array, sb: jax.A
   sched = tile_schedule(group_sizes, m, config.block_m)
   return pl.pallas_call(
       functools.partial(_kernel, n=n, k=k, config=config),
-      out_shape=out_struct((m, n), out_dtype, a, b, group_sizes),
+      out_shape=jax.ShapeDtypeStruct((m, n), out_dtype),
       grid=(sched[0].shape[0], pl.cdiv(n, config.block_n)),
       compiler_params=plgpu.CompilerParams(num_warps=config.num_warps,
                                            num_stages=config.num_stages),

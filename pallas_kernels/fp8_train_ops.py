@@ -12,8 +12,10 @@ its three GEMMs on e4m3 operands quantized online, each with its own tile orient
 Every GEMM multiplies each 128-wide K slab's partial product by its two scales and accumulates
 in float32 (the promotion interval N_C = 128). The weight is quantized from the master on every
 call; x is quantized for Wgrad already in the forward pass and kept (e4m3 + scales, half of a
-bf16 copy) as the backward's residual. Scales are amax / 448 with amax floored at 1e-20, so an
-all-zero tile gets a finite scale and quantizes to zeros.
+bf16 copy) as the backward's residual. Scales are amax / 448 with amax floored (1e-20 for
+activations and gradients, 1e-12 for weights), so an all-zero tile gets a finite scale and
+quantizes to zeros. The quantizers are the kernels' jnp references (act_quant_reference,
+weight_quant_reference).
 
 Experts use the grouped form: rows sorted by expert, w [E, N, K]. Wgrad's 128-token tiles must
 not straddle two experts, so each expert's rows are padded to a multiple of 128
@@ -33,16 +35,17 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from pallas_kernels.act_quant import act_quant_reference
 from pallas_kernels.fp8_gemm_mosaic import fp8_gemm_mosaic
-from pallas_kernels.fp8_gemm_triton import fp8_gemm_triton
+from pallas_kernels.fp8_gemm_triton import (dequantize_activations, dequantize_weight,
+                                            fp8_gemm_triton)
 from pallas_kernels.fp8_grouped_gemm_triton import fp8_grouped_gemm_triton
 from pallas_kernels.fp8_ops import Fp8Backend
 from pallas_kernels.fp8_wgrad_triton import fp8_wgrad_reference, fp8_wgrad_triton
+from pallas_kernels.weight_dequant import weight_quant_reference
 
 BLOCK = 128
-E4M3_MAX = 448.0
 AMAX_FLOOR = 1e-20  # keeps all-zero tiles finite without touching real gradients' scales
-FP8 = jnp.float8_e4m3fn
 _HI = jax.lax.Precision.HIGHEST
 
 
@@ -50,29 +53,12 @@ _HI = jax.lax.Precision.HIGHEST
 def quant_rows(x: jax.Array) -> tuple[jax.Array, jax.Array]:
   """1×128 tiles along the last axis. x [..., R, C] (C % 128 == 0) → (e4m3 [..., R, C],
   float32 scales [..., R, C/128]) with x ≈ q · s."""
-  *lead, c = x.shape
-  xb = x.astype(jnp.float32).reshape(*lead, c // BLOCK, BLOCK)
-  s = jnp.maximum(jnp.abs(xb).max(-1), AMAX_FLOOR) / E4M3_MAX
-  q = jnp.clip(xb / s[..., None], -E4M3_MAX, E4M3_MAX).astype(FP8)
-  return q.reshape(x.shape), s
+  return act_quant_reference(x, amax_floor=AMAX_FLOOR)
 
 
-def quant_blocks(w: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """128×128 blocks. w [..., N, K] (multiples of 128) → (e4m3 [..., N, K], float32
-  [..., N/128, K/128])."""
-  *lead, n, k = w.shape
-  wb = w.astype(jnp.float32).reshape(*lead, n // BLOCK, BLOCK, k // BLOCK, BLOCK)
-  s = jnp.maximum(jnp.abs(wb).max((-3, -1)), AMAX_FLOOR) / E4M3_MAX
-  q = jnp.clip(wb / s[..., :, None, :, None], -E4M3_MAX, E4M3_MAX).astype(FP8)
-  return q.reshape(w.shape), s
-
-
-def dequant_rows(q, s):
-  return q.astype(jnp.float32) * jnp.repeat(s, BLOCK, axis=-1)
-
-
-def dequant_blocks(q, s):
-  return q.astype(jnp.float32) * jnp.repeat(jnp.repeat(s, BLOCK, axis=-2), BLOCK, axis=-1)
+quant_blocks = weight_quant_reference        # 128×128 blocks: [..., N, K] → (e4m3, [..., N/128, K/128])
+dequant_rows = dequantize_activations        # q [..., R, C] · s[..., R, C // 128]
+dequant_blocks = dequantize_weight           # q [..., N, K] · s[..., N // 128, K // 128]
 
 
 def _t(x):
@@ -248,12 +234,19 @@ def fp8_train_grouped_aligned(x: jax.Array, w: jax.Array, aligned_sizes: jax.Arr
   return y[:, :n]
 
 
+def to_aligned_rows(x: jax.Array, group_sizes: jax.Array):
+  """Rows sorted by group (x [M, K], group_sizes [E] summing to M) scattered into the aligned
+  layout (align_groups; padding rows are zero). Returns (x_aligned [length, K], aligned_sizes,
+  dest): row i of x is row dest[i] of x_aligned (gather the products back with [dest])."""
+  dest, sizes, length = align_groups(group_sizes, x.shape[0])
+  xp = jnp.zeros((length, x.shape[1]), x.dtype).at[dest].set(x, unique_indices=True)
+  return xp, sizes, dest
+
+
 def fp8_train_grouped(x: jax.Array, w: jax.Array, group_sizes: jax.Array, *,
                       backend: Fp8Backend) -> jax.Array:
   """fp8_train_grouped_aligned for rows sorted by group with any group sizes: the rows are
   scattered into the aligned layout and gathered back. x: [M, K]; w: [E, N, K];
   group_sizes: [E] summing to M. Returns [M, N] in x.dtype."""
-  m = x.shape[0]
-  dest, sizes, length = align_groups(group_sizes, m)
-  xp = jnp.zeros((length, x.shape[1]), x.dtype).at[dest].set(x, unique_indices=True)
+  xp, sizes, dest = to_aligned_rows(x, group_sizes)
   return fp8_train_grouped_aligned(xp, w, sizes, backend=backend)[dest]

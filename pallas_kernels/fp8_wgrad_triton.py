@@ -26,7 +26,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from pallas_kernels.fp8_gemm_triton import BLOCK, FP8, TuningConfig, out_struct, tile_product
+from pallas_kernels.fp8_gemm_triton import BLOCK, FP8, TuningConfig, tile_product
 
 
 def default_config(m: int, n: int) -> TuningConfig:
@@ -82,7 +82,7 @@ def fp8_wgrad_triton(a: jax.Array, sa: jax.Array, b: jax.Array, sb: jax.Array,
   config = config or default_config(m, n)
   return pl.pallas_call(
       functools.partial(_kernel, m=m, n=n, config=config),
-      out_shape=out_struct((groups, m, n), out_dtype, a, b, block_offsets),
+      out_shape=jax.ShapeDtypeStruct((groups, m, n), out_dtype),
       grid=(groups, pl.cdiv(m, config.block_m) * pl.cdiv(n, config.block_n)),
       compiler_params=plgpu.CompilerParams(num_warps=config.num_warps,
                                            num_stages=config.num_stages),

@@ -72,14 +72,16 @@ def _check(w, scale_inv) -> None:
 
 def weight_quant_reference(w: jax.Array) -> tuple[jax.Array, jax.Array]:
   """The inverse: 128×128 block quantization, scale_inv = max(amax, 1e-12) / 448 (all-zero
-  blocks keep a finite, nonzero scale). w: [N, K] float → (e4m3 [N, K], float32 scales)."""
-  n, k = w.shape
+  blocks keep a finite, nonzero scale; partial blocks are zero-padded).
+  w: [..., N, K] float → (e4m3 [..., N, K], float32 scales [..., ceil(N/128), ceil(K/128)])."""
+  *lead, n, k = w.shape
   bn, bk = math.ceil(n / BLOCK), math.ceil(k / BLOCK)
-  pad = jnp.zeros((bn * BLOCK, bk * BLOCK), jnp.float32).at[:n, :k].set(w.astype(jnp.float32))
-  blocks = pad.reshape(bn, BLOCK, bk, BLOCK)
-  s = jnp.maximum(jnp.abs(blocks).max(axis=(1, 3)), 1e-12) / E4M3_MAX
-  q = jnp.clip(blocks / s[:, None, :, None], -E4M3_MAX, E4M3_MAX).reshape(pad.shape)[:n, :k]
-  return q.astype(jnp.float8_e4m3fn), s
+  pad = jnp.pad(w.astype(jnp.float32),
+                [(0, 0)] * len(lead) + [(0, bn * BLOCK - n), (0, bk * BLOCK - k)])
+  blocks = pad.reshape(*lead, bn, BLOCK, bk, BLOCK)
+  s = jnp.maximum(jnp.abs(blocks).max(axis=(-3, -1)), 1e-12) / E4M3_MAX
+  q = jnp.clip(blocks / s[..., :, None, :, None], -E4M3_MAX, E4M3_MAX).reshape(pad.shape)
+  return q[..., :n, :k].astype(jnp.float8_e4m3fn), s
 
 
 def weight_dequant_reference(w: jax.Array, scale_inv: jax.Array,
