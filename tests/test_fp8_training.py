@@ -253,7 +253,7 @@ def test_fp8_experts_agree_across_dispatches():
   want = np.asarray(local(x))
   _, plain = _moe(backend=Fp8Backend("xla"))
   # two quantized GEMMs in a chain (gate/up, then down): about √2 × one GEMM's error (6.3%)
-  assert 0.005 < _rel(want, plain(x)) < 2 * QUANT_RTOL
+  assert 0.005 < _rel(want, plain(x)) < np.sqrt(2) * QUANT_RTOL
   for dispatch in (ExpertParallel(mesh), ExpertParallel(mesh, capacity_factor=16.0)):
     _, ep = _moe(dispatch)
     graphdef, state = nnx.split(ep)
