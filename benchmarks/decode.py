@@ -98,31 +98,36 @@ def run_jax(args) -> dict:
   dev = jax.devices()[0]
   print(f"{dev.device_kind}: copy bandwidth {bw / 1e12:.2f} TB/s", flush=True)
   rows = []
-  for precision in args.precisions:
+  for precision, layers in [(p, l) for p in args.precisions for l in args.layers]:
     t0 = time.perf_counter()
     model = random_model(cfg, jnp.bfloat16, fp8=precision.startswith("fp8"),
                          fp8_backend="xla" if precision.endswith("-xla") else "auto")
     print(f"{precision}: random model built in {time.perf_counter() - t0:.0f}s", flush=True)
-    engine = Engine(model, chunk=args.chunk)
+    engine = Engine(model, chunk=args.chunk, unstack=layers == "unstacked")
     max_len = args.prompt + args.new_tokens + 64
     for batch in args.batches:
       rng = np.random.default_rng(batch)
       prompts = rng.integers(100, cfg.vocab_size, (batch, args.prompt)).tolist()
+      t0 = time.perf_counter()
       engine.generate(prompts, max_new_tokens=2 * args.chunk + 1, max_len=max_len)  # compile
+      compile_s = time.perf_counter() - t0
       _, st = engine.generate(prompts, max_new_tokens=args.new_tokens, max_len=max_len)
+      if args.profile:
+        with jax.profiler.trace(os.path.join(args.profile, f"{precision}_{layers}_b{batch}")):
+          engine.generate(prompts, max_new_tokens=args.chunk + 1, max_len=max_len)
       step_ms = 1e3 * batch / st.decode_tok_s
       need = bytes_per_step(cfg, model, batch, args.prompt + args.new_tokens // 2)
       roof_ms = 1e3 * need / bw
-      row = dict(precision=precision, batch=batch, decode_tok_s=st.decode_tok_s,
+      row = dict(precision=precision, layers=layers, batch=batch, decode_tok_s=st.decode_tok_s,
                  tok_s_per_seq=st.decode_tok_s / batch, step_ms=step_ms,
                  roofline_ms=roof_ms, roofline_frac=roof_ms / step_ms,
                  ttft_s=st.time_to_first_token_s, prefill_tok_s=st.prefill_tok_s,
-                 gb_per_step=need / 1e9)
+                 gb_per_step=need / 1e9, warmup_s=compile_s)
       rows.append(row)
-      print(f"{precision} batch {batch:>2}: {st.decode_tok_s:8.1f} tok/s "
+      print(f"{precision} {layers} batch {batch:>2}: {st.decode_tok_s:8.1f} tok/s "
             f"({row['tok_s_per_seq']:.1f}/seq), {step_ms:.2f} ms/step, roofline "
-            f"{roof_ms:.2f} ms ({row['roofline_frac']:.0%}), prefill {st.prefill_tok_s:.0f} tok/s",
-            flush=True)
+            f"{roof_ms:.2f} ms ({row['roofline_frac']:.0%}), prefill {st.prefill_tok_s:.0f} tok/s, "
+            f"first call (compiles) {compile_s:.0f}s", flush=True)
     del model, engine
   stats = dev.memory_stats() or {}
   return dict(device=dev.device_kind, copy_tb_s=bw / 1e12, rows=rows,
@@ -179,6 +184,13 @@ def main():
   ap.add_argument("--new-tokens", type=int, default=256)
   ap.add_argument("--hf-tokens", type=int, default=32, help="decode tokens timed for HF")
   ap.add_argument("--chunk", type=int, default=16)
+  ap.add_argument("--layers", nargs="+", default=["unstacked"], choices=["unstacked", "scanned"],
+                  help="unstacked: every layer has arrays of its own (the GPU default of "
+                  "generate.Engine; kernels read weights in place); scanned: lax.scan over the "
+                  "stacked layers")
+  ap.add_argument("--profile", metavar="DIR",
+                  help="after each timing, trace one more decode chunk into DIR/<precision>_"
+                  "<layers>_b<batch> (read it with benchmarks/trace_summary.py)")
   ap.add_argument("--out", help="write the results as JSON here")
   args = ap.parse_args()
   res = run_hf(args) if args.hf else run_jax(args)

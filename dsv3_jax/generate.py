@@ -159,13 +159,20 @@ class Engine:
     cache_dtype: dtype of the compressed cache (default: the model's compute dtype).
     prefill_tokens: prompts are prefilled in row blocks of at most this many (padded) tokens,
       which bounds prefill's activation memory for large batches.
+    unstack: give every layer arrays of its own (`Transformer.unstack_layers`, changing `model`
+      in place) so that kernels read weights in place, at the price of compile time growing
+      with depth; default: on GPUs. False keeps the scanned stacks.
   """
 
   def __init__(self, model, *, mtp: bool = False, chunk: int = 8, cache_dtype=None,
-               prefill_tokens: int = 8192):
+               prefill_tokens: int = 8192, unstack: bool | None = None):
     if mtp and not len(model.mtp):
       raise ValueError("--mtp needs a model with an MTP module (num_nextn_predict_layers ≥ 1); "
                        "this checkpoint has none")
+    if unstack is None:
+      unstack = jax.devices()[0].platform == "gpu"
+    if unstack:
+      model.unstack_layers()
     self.cfg = model.cfg
     self.graphdef, self.params = nnx.split(model)
     self.mtp = mtp

@@ -2,7 +2,10 @@
 
 Each group of identical layers (the first_k_dense_replace dense layers, then the MoE layers) is
 one module whose parameters carry a leading [L] axis (built with nnx.vmap), applied with
-jax.lax.scan, so compile time does not grow with depth.
+jax.lax.scan, so compile time does not grow with depth. For decoding on GPUs,
+`Transformer.unstack_layers` turns the stacks into lists of layers with arrays of their own,
+applied one after another: Pallas kernels then read their weights in place, where a slice of
+the scanned stack would be copied first.
 """
 
 from __future__ import annotations
@@ -65,36 +68,72 @@ def _stack(n: int, make: Callable[[nnx.Rngs], nnx.Module], rngs: nnx.Rngs) -> nn
   return build(rngs)
 
 
-def scan_layers(layers: nnx.Module, x, positions, cache: LayerCache | None, mode: AttnMode,
-                *, with_aux: bool = False, remat: str | None = None):
-  """Applies a stacked group of DecoderLayers with lax.scan over its leading axis.
+def scan_layers(layers: nnx.Module | nnx.List, x, positions, cache: LayerCache | None,
+                mode: AttnMode, *, with_aux: bool = False, remat: str | None = None):
+  """Applies a group of DecoderLayers: a stacked module with lax.scan over its leading axis, or
+  an nnx.List of layers with their own arrays (`Transformer.unstack_layers`) one after another.
 
   The stacked cache rides in the scan carry and each layer scatters only its new tokens into
   it, so a decode step never copies the cache.
 
   Args:
-    layers: a module built by _stack; cache: LayerCache with a leading [L] axis, or None.
+    layers: a module built by _stack, or an nnx.List of DecoderLayers;
+      cache: LayerCache with a leading [L] axis, or None.
     with_aux: also return the layers' routing statistics, stacked on [L] (None for dense).
     remat: rematerialise each layer in the backward pass with this `jax.checkpoint_policies`
       policy (e.g. "nothing_saveable"); None saves every activation.
   Returns:
     (x [B, T, D], the updated stacked cache or None), plus the stats with `with_aux`.
   """
-  graphdef, state = nnx.split(layers)
-  n = jax.tree.leaves(state)[0].shape[0]
 
-  def body(carry, inputs):
-    h, c = carry
-    layer_state, i = inputs
-    out = nnx.merge(graphdef, layer_state)(h, positions, c, mode, None if c is None else i,
-                                           with_aux=with_aux)
-    return out[:2], (out[2] if with_aux else None)
+  def make_body(graphdef):
+    def body(carry, inputs):
+      h, c = carry
+      layer_state, i = inputs
+      out = nnx.merge(graphdef, layer_state)(h, positions, c, mode, None if c is None else i,
+                                             with_aux=with_aux)
+      return out[:2], (out[2] if with_aux else None)
 
-  if remat is not None:
-    body = jax.checkpoint(body, policy=getattr(jax.checkpoint_policies, remat),
-                          prevent_cse=False)
-  (x, cache), stats = jax.lax.scan(body, (x, cache), (state, jnp.arange(n)))
+    if remat is not None:
+      body = jax.checkpoint(body, policy=getattr(jax.checkpoint_policies, remat),
+                            prevent_cse=False)
+    return body
+
+  if isinstance(layers, nnx.List):
+    carry, stats = (x, cache), []
+    for i, layer in enumerate(layers):
+      graphdef, state = nnx.split(layer)
+      carry, s = make_body(graphdef)(carry, (state, i))
+      stats.append(s)
+    (x, cache) = carry
+    stats = jax.tree.map(lambda *a: jnp.stack(a), *stats) if with_aux else None
+  else:
+    graphdef, state = nnx.split(layers)
+    n = jax.tree.leaves(state)[0].shape[0]
+    (x, cache), stats = jax.lax.scan(make_body(graphdef), (x, cache), (state, jnp.arange(n)))
   return ((x, cache, stats) if with_aux else (x, cache))
+
+
+def _unstack(stacked: nnx.Module, free: bool) -> nnx.List:
+  """The layers of a _stack module as separate modules, each holding its own arrays (slices of
+  the stacked ones, which are deleted one parameter at a time when `free`)."""
+  graphdef, state = nnx.split(stacked)
+  n = jax.tree.leaves(state)[0].shape[0]
+  is_var = lambda v: isinstance(v, nnx.Variable)
+  per_layer = [[] for _ in range(n)]
+  variables = jax.tree.leaves(state, is_leaf=is_var)
+  for var in variables:
+    value = var.get_value()
+    meta = var.get_metadata()
+    names = meta.get("out_sharding")
+    kw = {"out_sharding": tuple(names[1:])} if names else {}
+    for i in range(n):
+      per_layer[i].append(var.replace(value=value[i], **kw))
+    if free and isinstance(value, jax.Array):
+      value.delete()
+  treedef = jax.tree.structure(state, is_leaf=is_var)
+  return nnx.List([nnx.merge(graphdef, jax.tree.unflatten(treedef, leaves))
+                   for leaves in per_layer])
 
 
 class MTPLayer(nnx.Module):
@@ -187,6 +226,34 @@ class Transformer(nnx.Module):
                           std=cfg.initializer_range, param_dtype=param_dtype)
     self.mtp = nnx.List([MTPLayer(cfg, rngs=rngs, **kw)
                          for _ in range(cfg.num_nextn_predict_layers)])
+
+  def unstack_layers(self, *, gemv: bool | None = None, free: bool = True) -> "Transformer":
+    """Turns the scanned layer stacks into lists of layers with arrays of their own (decoding).
+
+    Inside lax.scan every weight is a slice of its stack, and XLA copies such a slice before a
+    Pallas kernel reads it (all experts of the layer, per step); layers with their own arrays
+    are read in place. The price: the layers are traced one by one, so compile time grows with
+    depth. Values are unchanged (the same layers, in the same order).
+
+    Args:
+      gemv: routed experts of one decoding token use the expert-indexed GEMV kernel
+        (pallas_kernels.moe_gemv, interpret mode off GPUs) instead of XLA's gather; default:
+        on GPUs.
+      free: delete each stacked array once it is split (peak memory: one parameter more);
+        other holders of the stacked arrays (an earlier nnx.split) become unusable.
+    Returns:
+      self, changed in place.
+    """
+    if gemv is None:
+      gemv = jax.devices()[0].platform == "gpu"
+    for name in ("dense_layers", "moe_layers"):
+      layers = getattr(self, name)
+      if layers is not None and not isinstance(layers, nnx.List):
+        setattr(self, name, _unstack(layers, free))
+    for layer in list(self.moe_layers or []) + [m.block for m in self.mtp]:
+      if isinstance(layer.mlp, MoE):
+        layer.mlp.experts.gemv = gemv
+    return self
 
   # ---- pieces ---------------------------------------------------------------------------------
   def embed(self, tokens: jax.Array) -> jax.Array:

@@ -20,6 +20,7 @@ from dsv3_jax.layers import (Linear, _normal, dequantize_blocks, lowp_product, p
 from pallas_kernels.fp8_ops import Fp8Backend, fp8_grouped_linear
 from pallas_kernels.fp8_train_ops import (fp8_train_grouped, fp8_train_grouped_aligned,
                                           to_aligned_rows)
+from pallas_kernels.moe_gemv import moe_gemv
 from pallas_kernels.ragged_dot_hopper import ragged_dot_hopper, supported as ragged_dot_supported
 
 _RAGGED_DIMS = jax.lax.RaggedDotDimensionNumbers(
@@ -140,7 +141,14 @@ def grouped_matmul(x: jax.Array, w: jax.Array, group_sizes: jax.Array,
 
 class Experts(nnx.Module):
   """E routed SwiGLU experts with stacked weights (checkpoint `mlp.experts.{e}.*` stacked on E):
-  gate_proj, up_proj [E, F, D]; down_proj [E, D, F]; FP8 adds `*_scale_inv` block scales."""
+  gate_proj, up_proj [E, F, D]; down_proj [E, D, F]; FP8 adds `*_scale_inv` block scales.
+
+  `gemv` (set by Transformer.unstack_layers, where the weights are not slices of a scanned
+  stack): few rows run through the expert-indexed GEMV kernel (pallas_kernels.moe_gemv) rather
+  than XLA's gather.
+  """
+
+  gemv: bool = False
 
   def __init__(self, num: int, dim: int, hidden: int, *, rngs: nnx.Rngs, std: float,
                param_dtype=jnp.float32, fp8: bool = False, fp8_backend: Fp8Backend | None = None):
@@ -179,6 +187,9 @@ class Experts(nnx.Module):
     m, k = routing.experts.shape
     fp8_training = self.fp8_backend.training and self.gate_proj_scale_inv is None
     if m * k <= self.num_experts and not fp8_training:
+      widths = (self.gate_proj.shape[-1], self.down_proj.shape[-1])   # D, F: 128-slab reductions
+      if self.gemv and all(w % 128 == 0 for w in widths):
+        return self._gemv(x, routing)
       return self._gathered(x, routing)
     flat = routing.experts.reshape(-1)                     # [M·K] expert of each (token, slot)
     order = jnp.argsort(flat, stable=True)                 # sort (token, slot) pairs by expert
@@ -203,6 +214,22 @@ class Experts(nnx.Module):
                                                    backend=self.fp8_backend)
     h = jax.nn.silu(mm(xp, "gate_proj")) * mm(xp, "up_proj")   # padding rows stay zero
     return mm(h, "down_proj")[dest]
+
+  def _gemv(self, x, routing):
+    """Few rows: each (token, slot) row reads only its expert's weights, in place."""
+    m, k = routing.experts.shape
+    ids = routing.experts.reshape(-1).astype(jnp.int32)
+    interpret = jax.devices()[0].platform != "gpu"
+
+    def mm(a, name):
+      scale = getattr(self, name + "_scale_inv")
+      return moe_gemv(a, ids, getattr(self, name)[...], None if scale is None else scale[...],
+                      out_dtype=jnp.float32, interpret=interpret)
+
+    xr = jnp.repeat(x, k, axis=0)                                   # [M·K, D]
+    h = (jax.nn.silu(mm(xr, "gate_proj")) * mm(xr, "up_proj")).astype(x.dtype)
+    y = mm(h, "down_proj").reshape(m, k, -1)                        # [M, K, D] float32
+    return jnp.einsum("mkd,mk->md", y, routing.weights).astype(x.dtype)
 
   def _gathered(self, x, routing):
 

@@ -7,10 +7,14 @@ Weights are bf16/fp16/fp32, or e4m3 with DeepSeek's 128×128 block scales (dequa
 registers; the activation stays in high precision). Runs on any CUDA GPU, and on the CPU with
 interpret=True.
 
-Not yet called by the model: inside the scanned layer stack its weight operand is a slice of the
-stacked experts, and XLA copies that whole slice (all experts of the layer) before a custom call
-(measured: 22.9 ms per V2-Lite decode step instead of 3.4). It needs the stacked weight and the
-layer index as operands first (docs/benchmarks.md, decode section).
+With one token there are only a handful of rows, so the reduction over D can also be split over
+`k_splits` programs (float32 partials summed afterwards) to put enough loads in flight to stream
+the weights at HBM speed.
+
+The model calls it (`moe.Experts`, gemv=True) only on layers whose weights are arrays of their own
+(`Transformer.unstack_layers`): when the weight operand is a slice of the scanned layer stack, XLA
+copies the whole slice (all experts of the layer) before the custom call (measured: 22.9 ms per
+V2-Lite decode step instead of 3.4; docs/benchmarks.md, decode section).
 """
 
 from __future__ import annotations
@@ -34,18 +38,32 @@ class TuningConfig:
   block_k: int = 128   # reduction slab (one scale block)
   num_warps: int = 4
   num_stages: int = 4
+  k_splits: int = 1    # programs sharing one row's reduction over D (float32 partials summed)
 
   def __post_init__(self):
     if self.block_n not in (16, 32, 64, 128):
       raise ValueError(f"{self.block_n=} must be one of 16, 32, 64, 128")
     if self.block_k != BLOCK:
       raise ValueError(f"{self.block_k=} must be {BLOCK}")
+    if self.k_splits < 1:
+      raise ValueError(f"{self.k_splits=} must be >= 1")
+
+
+def default_config(rows: int, n: int, d: int, num_sms: int = 132) -> TuningConfig:
+  """64-column programs; with few rows, the reduction is split until every SM has about four
+  programs (the loads in flight one program per SM cannot cover HBM latency with)."""
+  block_n = 64
+  programs = rows * math.ceil(n / block_n)
+  splits = 1
+  while programs * splits * 2 <= 4 * num_sms and splits * 2 <= d // BLOCK:
+    splits *= 2
+  return TuningConfig(block_n=block_n, k_splits=splits)
 
 
 def _kernel(ids_ref, x_ref, w_ref, *rest, n: int, d: int, config: TuningConfig, scaled: bool):
   s_ref, o_ref = rest if scaled else (None, rest[0])
-  bn, bk = config.block_n, config.block_k
-  r, j = pl.program_id(0), pl.program_id(1)
+  bn, bk, splits = config.block_n, config.block_k, config.k_splits
+  r, j, split = pl.program_id(0), pl.program_id(1), pl.program_id(2)
   e = ids_ref[r]
   n0 = j * bn
   col_ok = n0 + jax.lax.broadcasted_iota(jnp.int32, (bn,), 0) < n
@@ -59,8 +77,12 @@ def _kernel(ids_ref, x_ref, w_ref, *rest, n: int, d: int, config: TuningConfig, 
       w = w * s_ref[e, n0 // BLOCK, kb]
     return acc + w * x[None, :]
 
-  acc = jax.lax.fori_loop(0, d // bk, body, jnp.zeros((bn, bk), jnp.float32))
-  plgpu.store(o_ref.at[r, pl.ds(n0, bn)], acc.sum(axis=1).astype(o_ref.dtype), mask=col_ok)
+  kbs = d // bk  # split s reduces slabs [s·kbs/splits, (s+1)·kbs/splits)
+  acc = jax.lax.fori_loop(split * kbs // splits, (split + 1) * kbs // splits, body,
+                          jnp.zeros((bn, bk), jnp.float32))
+  cols = pl.ds(n0, bn)
+  dst = o_ref.at[split, r, cols] if splits > 1 else o_ref.at[r, cols]
+  plgpu.store(dst, acc.sum(axis=1).astype(o_ref.dtype), mask=col_ok)
 
 
 def check_operands(x, ids, w, scale):
@@ -83,7 +105,7 @@ def check_operands(x, ids, w, scale):
 
 @functools.partial(jax.jit, static_argnames=("out_dtype", "config", "interpret"))
 def moe_gemv(x: jax.Array, ids: jax.Array, w: jax.Array, scale: jax.Array | None = None, *,
-             out_dtype=None, config: TuningConfig = TuningConfig(),
+             out_dtype=None, config: TuningConfig | None = None,
              interpret: bool = False) -> jax.Array:
   """y[r] = W[ids[r]] · x[r].
 
@@ -91,21 +113,30 @@ def moe_gemv(x: jax.Array, ids: jax.Array, w: jax.Array, scale: jax.Array | None
     x: [R, D] activations, one row per (token, expert) pair.
     ids: [R] int32 expert of each row (must be in [0, E); not checked on the device).
     w: [E, N, D] expert weights; e4m3 when `scale` [E, ceil(N/128), D/128] float32 is given.
+    config: tiles and K splits (default: `default_config` for these sizes).
   Returns:
     [R, N] in out_dtype (default x.dtype), float32 accumulation.
   """
   _, n, d = check_operands(x, ids, w, scale)
   out_dtype = out_dtype or x.dtype
   scaled = scale is not None
-  return pl.pallas_call(
+  r = x.shape[0]
+  if config is None:
+    dev = jax.devices()[0]
+    config = default_config(r, n, d, getattr(dev, "core_count", 0) or 132)
+  splits = min(config.k_splits, d // BLOCK)
+  config = dataclasses.replace(config, k_splits=splits)
+  out_shape = (splits, r, n) if splits > 1 else (r, n)
+  y = pl.pallas_call(
       functools.partial(_kernel, n=n, d=d, config=config, scaled=scaled),
-      out_shape=jax.ShapeDtypeStruct((x.shape[0], n), out_dtype),
-      grid=(x.shape[0], pl.cdiv(n, config.block_n)),
+      out_shape=jax.ShapeDtypeStruct(out_shape, jnp.float32 if splits > 1 else out_dtype),
+      grid=(r, pl.cdiv(n, config.block_n), splits),
       compiler_params=plgpu.CompilerParams(num_warps=config.num_warps,
                                            num_stages=config.num_stages),
       interpret=interpret,
       name="moe_gemv",
   )(ids, x, w, *([scale] if scaled else []))
+  return y.sum(0).astype(out_dtype) if splits > 1 else y
 
 
 def moe_gemv_reference(x, ids, w, scale=None, *, out_dtype=None) -> jax.Array:

@@ -146,3 +146,48 @@ def test_prefill_in_row_blocks_changes_nothing(model):
   blocks, _ = Engine(model, chunk=4, mtp=True, prefill_tokens=16).generate(PROMPTS,
                                                                             max_new_tokens=6)
   assert [o.output_ids for o in blocks] == [o.output_ids for o in one]
+
+
+# ---- layers with their own arrays (Transformer.unstack_layers) --------------------------------
+def test_unstacked_layers_generate_like_the_scanned_stack(model):
+  tokens = jnp.asarray([[5, 17, 99, 3, 7, 8, 120]])
+  scanned, _ = Engine(model, chunk=4).generate(PROMPTS, max_new_tokens=8)
+  spec, _ = Engine(model, chunk=3, mtp=True).generate(PROMPTS, max_new_tokens=8)
+  unstacked = from_hf_pretrained(fixture_path("tiny_v3"), jnp.float32).unstack_layers()
+  assert len(unstacked.moe_layers) == model.cfg.num_moe_layers
+  assert unstacked.moe_layers[1].mlp.experts.gate_proj.shape == (8, 32, 64)
+  np.testing.assert_allclose(np.asarray(unstacked(tokens)), np.asarray(model(tokens)),
+                             rtol=1e-5, atol=1e-5)
+  got, _ = Engine(unstacked, chunk=4).generate(PROMPTS, max_new_tokens=8)
+  assert [o.output_ids for o in got] == [o.output_ids for o in scanned]
+  got, _ = Engine(unstacked, chunk=3, mtp=True).generate(PROMPTS, max_new_tokens=8)
+  assert [o.output_ids for o in got] == [o.output_ids for o in spec]
+
+
+def _wide_model(fp8: bool):
+  """tiny_v3 widened to 128-multiples (the GEMV kernel reduces whole 128-wide slabs)."""
+  from flax import nnx
+  from dsv3_jax import Transformer, load_config
+  cfg = load_config(fixture_path("tiny_v3")).replace(hidden_size=128, moe_intermediate_size=128,
+                                                      num_hidden_layers=2)
+  return Transformer(cfg, rngs=nnx.Rngs(5), fp8=fp8, fp8_backend="triton" if fp8 else "xla")
+
+
+@pytest.mark.parametrize("fp8", [False, True])
+def test_gemv_experts_equal_the_gathered_experts(fp8):
+  """Decoding through the expert-indexed GEMV kernel (interpret mode here) gives the rows of
+  XLA's gather path: the MoE layer's output, and greedy generation."""
+  ref = _wide_model(fp8)
+  model = _wide_model(fp8).unstack_layers(gemv=True)
+  experts = model.moe_layers[0].mlp.experts
+  assert experts.gemv and not _wide_model(fp8).unstack_layers(gemv=False).moe_layers[0].mlp.experts.gemv
+  x = jax.random.normal(jax.random.key(1), (2, 128), jnp.float32)
+  routing = model.moe_layers[0].mlp.gate(x)
+  assert routing.experts.size <= experts.num_experts           # the few-rows (decode) path
+  got, want = experts(x, routing), experts._gathered(x, routing)
+  np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-6)
+  assert np.abs(np.asarray(want)).max() > 1e-3
+  prompts = [[5, 17, 99, 3], [42]]
+  plain, _ = Engine(ref, chunk=4).generate(prompts, max_new_tokens=6)
+  got, _ = Engine(model, chunk=4).generate(prompts, max_new_tokens=6)
+  assert [o.output_ids for o in got] == [o.output_ids for o in plain]

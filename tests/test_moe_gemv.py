@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from dsv3_jax.layers import quantize_blocks
-from pallas_kernels.moe_gemv import TuningConfig, moe_gemv, moe_gemv_reference
+from pallas_kernels.moe_gemv import TuningConfig, default_config, moe_gemv, moe_gemv_reference
 
 ON_GPU = jax.devices()[0].platform == "gpu"
 
@@ -32,6 +32,26 @@ def test_matches_reference(r, e, n, d, block_n, fp8):
   want = moe_gemv_reference(x, ids, w, s, out_dtype=jnp.float32)
   np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-4)
   assert np.abs(np.asarray(want)).max() > 0.1
+
+
+@pytest.mark.parametrize("fp8", [False, True])
+@pytest.mark.parametrize("k_splits", [2, 3, 8])
+def test_split_reduction_matches_reference(k_splits, fp8):
+  """The reduction over D split over programs (uneven: 3 slabs in 2 splits; more splits than
+  slabs are capped) sums to the same rows."""
+  x, ids, w, s = _operands(2, 5, 192, 384, fp8, seed=k_splits)
+  got = moe_gemv(x, ids, w, s, out_dtype=jnp.float32,
+                 config=TuningConfig(block_n=64, k_splits=k_splits), interpret=not ON_GPU)
+  want = moe_gemv_reference(x, ids, w, s, out_dtype=jnp.float32)
+  np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-4)
+  assert np.abs(np.asarray(want)).max() > 0.1
+
+
+def test_default_config_fills_the_chip_with_few_rows():
+  one = default_config(6, 1408, 2048, num_sms=132)     # a V2-Lite token's 6 experts, gate
+  assert one.k_splits > 1 and 6 * 22 * one.k_splits <= 4 * 132
+  assert default_config(256, 1408, 2048, num_sms=132).k_splits == 1
+  assert default_config(1, 64, 128, num_sms=132).k_splits == 1   # one slab cannot split
 
 
 def test_bad_operands_are_named():
