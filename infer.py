@@ -62,10 +62,9 @@ def parse_args(argv=None):
                  help="cache length in tokens (default: longest prompt + max-new-tokens)")
   m.add_argument("--batch-size", type=int, default=8, help="rows per batch for --input-file")
   m.add_argument("--chunk", type=int, default=8, help="decode steps per device call")
-  m.add_argument("--scan-layers", action="store_true",
-                 help="keep the layers in their scanned stacks (compiles faster for deep models; "
-                      "by default on GPUs every layer gets arrays of its own, so the kernels read "
-                      "weights in place instead of copying each layer's slice every step)")
+  m.add_argument("--unstack-layers", action="store_true",
+                 help="give every layer arrays of its own instead of scanning the stacked layers "
+                      "(kernels then read every weight in place; compile time grows with depth)")
   o = p.add_argument_group("output")
   o.add_argument("--json", action="store_true",
                  help="print JSON: prompt ids, output ids, text and timings")
@@ -145,7 +144,7 @@ class Session:
       raise SystemExit(f"error: the tokenizer has {self.tok.vocab_size} tokens but the model's "
                        f"vocab_size is {self.model.cfg.vocab_size}: wrong tokenizer?")
     self.engine = Engine(self.model, mtp=args.mtp, chunk=args.chunk,
-                         unstack=False if args.scan_layers else None)
+                         unstack=args.unstack_layers)
     self.sampling = SamplingParams(temperature=args.temperature, top_k=args.top_k,
                                    top_p=args.top_p)
 
@@ -220,7 +219,7 @@ def batch_mode(session: Session, texts: list[str]) -> int:
   if args.compare_plain:  # compile both engines on the first batch: timings exclude compiling
     from dsv3_jax.generate import Engine
     plain = Engine(session.model, mtp=False, chunk=args.chunk,
-                   unstack=False if args.scan_layers else None)
+                   unstack=args.unstack_layers)
     try:
       for engine in (session.engine, plain):
         session.run(ids[:rows], stream=False, engine=engine)

@@ -99,11 +99,12 @@ def run_jax(args) -> dict:
   print(f"{dev.device_kind}: copy bandwidth {bw / 1e12:.2f} TB/s", flush=True)
   rows = []
   for precision, layers in [(p, l) for p in args.precisions for l in args.layers]:
+    gemv = layers != "scanned-gather"
     t0 = time.perf_counter()
     model = random_model(cfg, jnp.bfloat16, fp8=precision.startswith("fp8"),
                          fp8_backend="xla" if precision.endswith("-xla") else "auto")
     print(f"{precision}: random model built in {time.perf_counter() - t0:.0f}s", flush=True)
-    engine = Engine(model, chunk=args.chunk, unstack=layers == "unstacked")
+    engine = Engine(model, chunk=args.chunk, unstack=layers == "unstacked", expert_gemv=gemv)
     max_len = args.prompt + args.new_tokens + 64
     for batch in args.batches:
       rng = np.random.default_rng(batch)
@@ -184,10 +185,11 @@ def main():
   ap.add_argument("--new-tokens", type=int, default=256)
   ap.add_argument("--hf-tokens", type=int, default=32, help="decode tokens timed for HF")
   ap.add_argument("--chunk", type=int, default=16)
-  ap.add_argument("--layers", nargs="+", default=["unstacked"], choices=["unstacked", "scanned"],
-                  help="unstacked: every layer has arrays of its own (the GPU default of "
-                  "generate.Engine; kernels read weights in place); scanned: lax.scan over the "
-                  "stacked layers")
+  ap.add_argument("--layers", nargs="+", default=["scanned"],
+                  choices=["scanned", "scanned-gather", "unstacked"],
+                  help="scanned: lax.scan over the stacked layers, routed experts of few rows "
+                  "through the GEMV kernel (generate.Engine's GPU default); scanned-gather: "
+                  "the same through XLA's gather; unstacked: every layer has arrays of its own")
   ap.add_argument("--profile", metavar="DIR",
                   help="after each timing, trace one more decode chunk into DIR/<precision>_"
                   "<layers>_b<batch> (read it with benchmarks/trace_summary.py)")

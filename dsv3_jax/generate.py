@@ -159,18 +159,21 @@ class Engine:
     cache_dtype: dtype of the compressed cache (default: the model's compute dtype).
     prefill_tokens: prompts are prefilled in row blocks of at most this many (padded) tokens,
       which bounds prefill's activation memory for large batches.
+    expert_gemv: decode routed experts through the expert-indexed GEMV kernel
+      (`Transformer.use_expert_gemv`, changing `model` in place); default: on GPUs, elsewhere
+      as the model is set.
     unstack: give every layer arrays of its own (`Transformer.unstack_layers`, changing `model`
-      in place) so that kernels read weights in place, at the price of compile time growing
-      with depth; default: on GPUs. False keeps the scanned stacks.
+      in place); compile time then grows with depth.
   """
 
   def __init__(self, model, *, mtp: bool = False, chunk: int = 8, cache_dtype=None,
-               prefill_tokens: int = 8192, unstack: bool | None = None):
+               prefill_tokens: int = 8192, expert_gemv: bool | None = None,
+               unstack: bool = False):
     if mtp and not len(model.mtp):
       raise ValueError("--mtp needs a model with an MTP module (num_nextn_predict_layers ≥ 1); "
                        "this checkpoint has none")
-    if unstack is None:
-      unstack = jax.devices()[0].platform == "gpu"
+    if expert_gemv is not None or jax.devices()[0].platform == "gpu":
+      model.use_expert_gemv(expert_gemv)
     if unstack:
       model.unstack_layers()
     self.cfg = model.cfg

@@ -21,7 +21,7 @@ from dsv3_jax.cache import Cache, LayerCache
 from dsv3_jax.config import ModelConfig
 from dsv3_jax.layers import Embed, Linear, RMSNorm
 from dsv3_jax.mla import MLA, AttnMode
-from dsv3_jax.moe import MLP, MoE
+from dsv3_jax.moe import GEMV_WEIGHTS, MLP, LayerOfStack, MoE
 from pallas_kernels.fp8_ops import Fp8Backend, resolve_backend
 
 log = logging.getLogger(__name__)
@@ -99,7 +99,10 @@ def scan_layers(layers: nnx.Module | nnx.List, x, positions, cache: LayerCache |
                             prevent_cse=False)
     return body
 
-  if isinstance(layers, nnx.List):
+  experts = getattr(getattr(layers, "mlp", None), "experts", None)
+  if not isinstance(layers, nnx.List) and getattr(experts, "gemv", False) and remat is None:
+    (x, cache), stats = _scan_with_whole_experts(layers, x, cache, make_body)
+  elif isinstance(layers, nnx.List):
     carry, stats = (x, cache), []
     for i, layer in enumerate(layers):
       graphdef, state = nnx.split(layer)
@@ -112,6 +115,27 @@ def scan_layers(layers: nnx.Module | nnx.List, x, positions, cache: LayerCache |
     n = jax.tree.leaves(state)[0].shape[0]
     (x, cache), stats = jax.lax.scan(make_body(graphdef), (x, cache), (state, jnp.arange(n)))
   return ((x, cache, stats) if with_aux else (x, cache))
+
+
+def _scan_with_whole_experts(layers, x, cache, make_body):
+  """lax.scan over the stack, except that the routed experts' weights stay whole (constants of
+  the loop) and each layer sees them as LayerOfStack(stack, i): the GEMV kernel then reads the
+  chosen experts of layer i in place."""
+  graphdef, state = nnx.split(layers)
+  flat = list(nnx.to_flat_state(state))
+  is_whole = lambda path: path[:2] == ("mlp", "experts") and path[-1] in GEMV_WEIGHTS
+  whole = [(p, v) for p, v in flat if is_whole(p)]
+  sliced = nnx.from_flat_state([(p, v) for p, v in flat if not is_whole(p)])
+  n = jax.tree.leaves(state)[0].shape[0]
+  inner = make_body(graphdef)
+
+  def body(carry, inputs):
+    part, i = inputs
+    items = list(nnx.to_flat_state(part)) + [
+        (p, v.replace(value=LayerOfStack(v.get_value(), i))) for p, v in whole]
+    return inner(carry, (nnx.from_flat_state(items), i))
+
+  return jax.lax.scan(body, (x, cache), (sliced, jnp.arange(n)))
 
 
 def _unstack(stacked: nnx.Module, free: bool) -> nnx.List:
@@ -227,32 +251,37 @@ class Transformer(nnx.Module):
     self.mtp = nnx.List([MTPLayer(cfg, rngs=rngs, **kw)
                          for _ in range(cfg.num_nextn_predict_layers)])
 
-  def unstack_layers(self, *, gemv: bool | None = None, free: bool = True) -> "Transformer":
-    """Turns the scanned layer stacks into lists of layers with arrays of their own (decoding).
+  def use_expert_gemv(self, on: bool | None = None) -> "Transformer":
+    """Routed experts of few rows (decoding) run through the expert-indexed GEMV kernel
+    (pallas_kernels.moe_gemv; interpret mode off GPUs) instead of XLA's gather, reading the
+    chosen experts in place (scanned stacks hand it the whole stacked weight and the layer
+    index). Default: on GPUs. For inference (not under jax.checkpoint). Returns self."""
+    if on is None:
+      on = jax.devices()[0].platform == "gpu"
+    layers = list(self.moe_layers) if isinstance(self.moe_layers, nnx.List) else [self.moe_layers]
+    for layer in layers + [m.block for m in self.mtp]:
+      if layer is not None and isinstance(layer.mlp, MoE):
+        layer.mlp.experts.gemv = on
+    return self
+
+  def unstack_layers(self, *, free: bool = True) -> "Transformer":
+    """Turns the scanned layer stacks into lists of layers with arrays of their own.
 
     Inside lax.scan every weight is a slice of its stack, and XLA copies such a slice before a
-    Pallas kernel reads it (all experts of the layer, per step); layers with their own arrays
-    are read in place. The price: the layers are traced one by one, so compile time grows with
-    depth. Values are unchanged (the same layers, in the same order).
+    Pallas kernel reads it; layers with their own arrays are read in place. The price: layers
+    are traced one by one, so compile time grows with depth (V2-Lite bf16 on an H100: 180 s
+    before the first token, against about 30 s scanned). Values are unchanged.
 
     Args:
-      gemv: routed experts of one decoding token use the expert-indexed GEMV kernel
-        (pallas_kernels.moe_gemv, interpret mode off GPUs) instead of XLA's gather; default:
-        on GPUs.
       free: delete each stacked array once it is split (peak memory: one parameter more);
         other holders of the stacked arrays (an earlier nnx.split) become unusable.
     Returns:
       self, changed in place.
     """
-    if gemv is None:
-      gemv = jax.devices()[0].platform == "gpu"
     for name in ("dense_layers", "moe_layers"):
       layers = getattr(self, name)
       if layers is not None and not isinstance(layers, nnx.List):
         setattr(self, name, _unstack(layers, free))
-    for layer in list(self.moe_layers or []) + [m.block for m in self.mtp]:
-      if isinstance(layer.mlp, MoE):
-        layer.mlp.experts.gemv = gemv
     return self
 
   # ---- pieces ---------------------------------------------------------------------------------

@@ -139,13 +139,40 @@ def grouped_matmul(x: jax.Array, w: jax.Array, group_sizes: jax.Array,
   return y.astype(x.dtype)
 
 
+@dataclasses.dataclass(frozen=True)
+class LayerOfStack:
+  """A parameter value standing for layer `index` of a stacked [L, ...] parameter, inside
+  scan_layers' loop: indexing reads that layer (a dynamic slice, as scanning would), while a
+  kernel can take the whole stack and the index and read the layer in place (XLA copies a
+  slice before it reaches a custom call)."""
+
+  stack: jax.Array
+  index: jax.Array
+
+  @property
+  def shape(self):
+    return self.stack.shape[1:]
+
+  @property
+  def dtype(self):
+    return self.stack.dtype
+
+  def __getitem__(self, idx):
+    return jax.lax.dynamic_index_in_dim(self.stack, self.index, keepdims=False)[idx]
+
+
+GEMV_WEIGHTS = ("gate_proj", "up_proj", "down_proj", "gate_proj_scale_inv", "up_proj_scale_inv",
+                "down_proj_scale_inv")
+
+
 class Experts(nnx.Module):
   """E routed SwiGLU experts with stacked weights (checkpoint `mlp.experts.{e}.*` stacked on E):
   gate_proj, up_proj [E, F, D]; down_proj [E, D, F]; FP8 adds `*_scale_inv` block scales.
 
-  `gemv` (set by Transformer.unstack_layers, where the weights are not slices of a scanned
-  stack): few rows run through the expert-indexed GEMV kernel (pallas_kernels.moe_gemv) rather
-  than XLA's gather.
+  `gemv` (Transformer.use_expert_gemv; GPU decoding): few rows run through the expert-indexed
+  GEMV kernel (pallas_kernels.moe_gemv) rather than XLA's gather. Inside a scanned stack
+  (`scan_layers`) the kernel gets the whole stacked weight and the layer index (LayerOfStack),
+  so that it reads the chosen experts in place.
   """
 
   gemv: bool = False
@@ -221,10 +248,18 @@ class Experts(nnx.Module):
     ids = routing.experts.reshape(-1).astype(jnp.int32)
     interpret = jax.devices()[0].platform != "gpu"
 
+    def whole(v, ids):
+      """[E, ...] weights and ids, or the stack of all layers as [L·E, ...] and ids + l·E."""
+      v = v.get_value()
+      if isinstance(v, LayerOfStack):
+        return v.stack.reshape(-1, *v.stack.shape[2:]), ids + v.index * v.stack.shape[1]
+      return v, ids
+
     def mm(a, name):
+      w, ids_w = whole(getattr(self, name), ids)
       scale = getattr(self, name + "_scale_inv")
-      return moe_gemv(a, ids, getattr(self, name)[...], None if scale is None else scale[...],
-                      out_dtype=jnp.float32, interpret=interpret)
+      scale = None if scale is None else whole(scale, ids)[0]
+      return moe_gemv(a, ids_w, w, scale, out_dtype=jnp.float32, interpret=interpret)
 
     xr = jnp.repeat(x, k, axis=0)                                   # [M·K, D]
     h = (jax.nn.silu(mm(xr, "gate_proj")) * mm(xr, "up_proj")).astype(x.dtype)

@@ -4,6 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
 from conftest import fixture_path
 from dsv3_jax import core, from_hf_pretrained
@@ -154,6 +155,7 @@ def test_unstacked_layers_generate_like_the_scanned_stack(model):
   scanned, _ = Engine(model, chunk=4).generate(PROMPTS, max_new_tokens=8)
   spec, _ = Engine(model, chunk=3, mtp=True).generate(PROMPTS, max_new_tokens=8)
   unstacked = from_hf_pretrained(fixture_path("tiny_v3"), jnp.float32).unstack_layers()
+  assert isinstance(unstacked.moe_layers, nnx.List)
   assert len(unstacked.moe_layers) == model.cfg.num_moe_layers
   assert unstacked.moe_layers[1].mlp.experts.gate_proj.shape == (8, 32, 64)
   np.testing.assert_allclose(np.asarray(unstacked(tokens)), np.asarray(model(tokens)),
@@ -166,21 +168,21 @@ def test_unstacked_layers_generate_like_the_scanned_stack(model):
 
 def _wide_model(fp8: bool):
   """tiny_v3 widened to 128-multiples (the GEMV kernel reduces whole 128-wide slabs)."""
-  from flax import nnx
   from dsv3_jax import Transformer, load_config
   cfg = load_config(fixture_path("tiny_v3")).replace(hidden_size=128, moe_intermediate_size=128,
-                                                      num_hidden_layers=2)
+                                                      num_hidden_layers=3)
   return Transformer(cfg, rngs=nnx.Rngs(5), fp8=fp8, fp8_backend="triton" if fp8 else "xla")
 
 
 @pytest.mark.parametrize("fp8", [False, True])
 def test_gemv_experts_equal_the_gathered_experts(fp8):
   """Decoding through the expert-indexed GEMV kernel (interpret mode here) gives the rows of
-  XLA's gather path: the MoE layer's output, and greedy generation."""
+  XLA's gather path: one MoE layer's output, and greedy generation with the kernel reading the
+  whole stacked weight at the layer's index (scanned) or the layer's own arrays (unstacked)."""
   ref = _wide_model(fp8)
-  model = _wide_model(fp8).unstack_layers(gemv=True)
+  model = _wide_model(fp8).unstack_layers().use_expert_gemv(True)
   experts = model.moe_layers[0].mlp.experts
-  assert experts.gemv and not _wide_model(fp8).unstack_layers(gemv=False).moe_layers[0].mlp.experts.gemv
+  assert experts.gemv
   x = jax.random.normal(jax.random.key(1), (2, 128), jnp.float32)
   routing = model.moe_layers[0].mlp.gate(x)
   assert routing.experts.size <= experts.num_experts           # the few-rows (decode) path
@@ -188,6 +190,30 @@ def test_gemv_experts_equal_the_gathered_experts(fp8):
   np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-6)
   assert np.abs(np.asarray(want)).max() > 1e-3
   prompts = [[5, 17, 99, 3], [42]]
-  plain, _ = Engine(ref, chunk=4).generate(prompts, max_new_tokens=6)
+  plain, _ = Engine(ref, chunk=4, expert_gemv=False).generate(prompts, max_new_tokens=6)
   got, _ = Engine(model, chunk=4).generate(prompts, max_new_tokens=6)
   assert [o.output_ids for o in got] == [o.output_ids for o in plain]
+  scanned = _wide_model(fp8)
+  got, _ = Engine(scanned, chunk=4, expert_gemv=True).generate(prompts, max_new_tokens=6)
+  assert scanned.moe_layers.mlp.experts.gemv
+  assert [o.output_ids for o in got] == [o.output_ids for o in plain]
+
+
+def test_gemv_reads_the_stack_at_the_layer_index():
+  """LayerOfStack hands the kernel [L·E, ...] and ids + l·E: each layer's rows equal those of
+  its own slice."""
+  from dsv3_jax.moe import LayerOfStack
+  model = _wide_model(False)
+  stacked = model.moe_layers.mlp.experts
+  _, state = nnx.split(stacked)
+  unstacked = _wide_model(False).unstack_layers()
+  layer1 = unstacked.moe_layers[1].mlp.experts
+  layer1.gemv = True
+  x = jax.random.normal(jax.random.key(2), (1, 128), jnp.float32)
+  routing = unstacked.moe_layers[1].mlp.gate(x)
+  want = layer1(x, routing)
+  for name in ("gate_proj", "up_proj", "down_proj"):
+    var = getattr(layer1, name)
+    var.set_value(LayerOfStack(state[name].get_value(), jnp.int32(1)))
+  got = layer1(x, routing)
+  np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-6, atol=1e-7)
