@@ -20,7 +20,7 @@ from dsv3_jax.layers import (Linear, _normal, dequantize_blocks, lowp_product, p
 from pallas_kernels.fp8_ops import Fp8Backend, fp8_grouped_linear
 from pallas_kernels.fp8_train_ops import (fp8_train_grouped, fp8_train_grouped_aligned,
                                           to_aligned_rows)
-from pallas_kernels.moe_gemv import moe_gemv
+from pallas_kernels.moe_gemv import moe_swiglu_gemv
 from pallas_kernels.ragged_dot_hopper import ragged_dot_hopper, supported as ragged_dot_supported
 
 _RAGGED_DIMS = jax.lax.RaggedDotDimensionNumbers(
@@ -243,27 +243,23 @@ class Experts(nnx.Module):
     return mm(h, "down_proj")[dest]
 
   def _gemv(self, x, routing):
-    """Few rows: each (token, slot) row reads only its expert's weights, in place."""
+    """Few rows: the chosen experts' weights are read in place by two kernel launches
+    (pallas_kernels.moe_gemv.moe_swiglu_gemv)."""
     m, k = routing.experts.shape
     ids = routing.experts.reshape(-1).astype(jnp.int32)
-    interpret = jax.devices()[0].platform != "gpu"
-
-    def whole(v, ids):
-      """[E, ...] weights and ids, or the stack of all layers as [L·E, ...] and ids + l·E."""
-      v = v.get_value()
-      if isinstance(v, LayerOfStack):
-        return v.stack.reshape(-1, *v.stack.shape[2:]), ids + v.index * v.stack.shape[1]
-      return v, ids
-
-    def mm(a, name):
-      w, ids_w = whole(getattr(self, name), ids)
-      scale = getattr(self, name + "_scale_inv")
-      scale = None if scale is None else whole(scale, ids)[0]
-      return moe_gemv(a, ids_w, w, scale, out_dtype=jnp.float32, interpret=interpret)
-
-    xr = jnp.repeat(x, k, axis=0)                                   # [M·K, D]
-    h = (jax.nn.silu(mm(xr, "gate_proj")) * mm(xr, "up_proj")).astype(x.dtype)
-    y = mm(h, "down_proj").reshape(m, k, -1)                        # [M, K, D] float32
+    names = ("gate_proj", "up_proj", "down_proj")
+    values = [getattr(self, n).get_value() for n in names]
+    scales = None
+    if self.gate_proj_scale_inv is not None:
+      scales = [getattr(self, n + "_scale_inv").get_value() for n in names]
+    if isinstance(values[0], LayerOfStack):   # the whole stack as [L·E, ...], ids + l·E
+      ids = ids + values[0].index * self.num_experts
+      flat = lambda v: v.stack.reshape(-1, *v.stack.shape[2:])
+      values = [flat(v) for v in values]
+      scales = None if scales is None else [flat(v) for v in scales]
+    y = moe_swiglu_gemv(x, ids, *values, None if scales is None else tuple(scales), k=k,
+                        h_dtype=x.dtype, interpret=jax.devices()[0].platform != "gpu")
+    y = y.sum(0).reshape(m, k, -1)                                 # [M, K, D] float32
     return jnp.einsum("mkd,mk->md", y, routing.weights).astype(x.dtype)
 
   def _gathered(self, x, routing):

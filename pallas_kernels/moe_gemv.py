@@ -139,6 +139,116 @@ def moe_gemv(x: jax.Array, ids: jax.Array, w: jax.Array, scale: jax.Array | None
   return y.sum(0).astype(out_dtype) if splits > 1 else y
 
 
+def _gate_up_kernel(ids_ref, x_ref, wg_ref, wu_ref, *rest, n: int, d: int, k: int,
+                    config: TuningConfig, scaled: bool):
+  """Row r = (token r // k, its expert ids[r]): partial gate and up sums of one column band."""
+  sg_ref, su_ref, og_ref, ou_ref = rest if scaled else (None, None, *rest)
+  bn, bk, splits = config.block_n, config.block_k, config.k_splits
+  r, j, split = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+  e, t = ids_ref[r], r // k
+  n0 = j * bn
+  col_ok = n0 + jax.lax.broadcasted_iota(jnp.int32, (bn,), 0) < n
+
+  def tile(w_ref, s_ref, kb, ks):
+    w = plgpu.load(w_ref.at[e, pl.ds(n0, bn), ks], mask=col_ok[:, None], other=0.0)
+    w = w.astype(jnp.float32)
+    return w * s_ref[e, n0 // BLOCK, kb] if scaled else w
+
+  def body(kb, accs):
+    ks = pl.ds(pl.multiple_of(kb * bk, bk), bk)
+    x = x_ref[t, ks].astype(jnp.float32)[None, :]
+    return accs[0] + tile(wg_ref, sg_ref, kb, ks) * x, accs[1] + tile(wu_ref, su_ref, kb, ks) * x
+
+  kbs = d // bk
+  zero = jnp.zeros((bn, bk), jnp.float32)
+  g, u = jax.lax.fori_loop(split * kbs // splits, (split + 1) * kbs // splits, body, (zero, zero))
+  cols = pl.ds(n0, bn)
+  plgpu.store(og_ref.at[split, r, cols], g.sum(axis=1), mask=col_ok)
+  plgpu.store(ou_ref.at[split, r, cols], u.sum(axis=1), mask=col_ok)
+
+
+def _down_kernel(ids_ref, g_ref, u_ref, w_ref, *rest, n: int, f: int, parts: int, h_dtype,
+                 config: TuningConfig, scaled: bool):
+  """y[r] partial = W_down[ids[r]] · h[r], where h = silu(Σ gate partials) · (Σ up partials) is
+  formed slab by slab from kernel A's partials and rounded to h_dtype (as the sorted path's
+  activations are)."""
+  s_ref, o_ref = rest if scaled else (None, rest[0])
+  bn, bk, splits = config.block_n, config.block_k, config.k_splits
+  r, j, split = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+  e = ids_ref[r]
+  n0 = j * bn
+  col_ok = n0 + jax.lax.broadcasted_iota(jnp.int32, (bn,), 0) < n
+
+  def body(kb, acc):
+    ks = pl.ds(pl.multiple_of(kb * bk, bk), bk)
+    g = sum(g_ref[jnp.int32(s), r, ks] for s in range(parts))
+    u = sum(u_ref[jnp.int32(s), r, ks] for s in range(parts))
+    h = (g / (1.0 + jnp.exp(-g)) * u).astype(h_dtype).astype(jnp.float32)
+    w = plgpu.load(w_ref.at[e, pl.ds(n0, bn), ks], mask=col_ok[:, None], other=0.0)
+    w = w.astype(jnp.float32)
+    if scaled:
+      w = w * s_ref[e, n0 // BLOCK, kb]
+    return acc + w * h[None, :]
+
+  kbs = f // bk
+  acc = jax.lax.fori_loop(split * kbs // splits, (split + 1) * kbs // splits, body,
+                          jnp.zeros((bn, bk), jnp.float32))
+  plgpu.store(o_ref.at[split, r, pl.ds(n0, bn)], acc.sum(axis=1), mask=col_ok)
+
+
+@functools.partial(jax.jit, static_argnames=("k", "h_dtype", "configs", "interpret"))
+def moe_swiglu_gemv(x: jax.Array, ids: jax.Array, gate: jax.Array, up: jax.Array,
+                    down: jax.Array, scales: tuple | None = None, *, k: int, h_dtype=None,
+                    configs: tuple[TuningConfig, TuningConfig] | None = None,
+                    interpret: bool = False) -> jax.Array:
+  """The routed SwiGLU experts of few tokens in two kernel launches, reading only the chosen
+  experts' weights: y[r] = W_down[e] · (silu(W_gate[e] · x[t]) ⊙ (W_up[e] · x[t])) for the row
+  r = (t, slot) = (r // k, r % k) with e = ids[r].
+
+  Kernel A writes float32 partial gate and up sums (its reduction over D split over programs);
+  kernel B sums them slab by slab, applies silu ⊙ and rounds to h_dtype before W_down. The
+  float32 partials of B's own split reduction are summed by the caller's XLA fusion.
+
+  Args:
+    x: [M, D] tokens; ids: [M·k] int32 experts, row-major over (token, slot).
+    gate, up: [E, F, D]; down: [E, D, F]; e4m3 when `scales` = their three float32 block scales
+      (weight_scale_inv) is given. D and F multiples of 128.
+    h_dtype: rounding of the hidden activation (default x.dtype).
+  Returns:
+    [S, M·k, D] float32 partial outputs (sum over the first axis).
+  """
+  m, d = x.shape
+  e, f, _ = gate.shape
+  scaled = scales is not None
+  for w, s in zip((gate, up, down), scales or (None,) * 3):
+    check_operands(jax.ShapeDtypeStruct((ids.shape[0], w.shape[2]), x.dtype), ids, w, s)
+  if up.shape != gate.shape or down.shape != (e, d, f) or ids.shape != (m * k,):
+    raise ValueError(f"{gate.shape=} {up.shape=} {down.shape=} {ids.shape=}: expected gate/up "
+                     f"[E, F, D], down [E, D, F], ids [M·k] for x {x.shape} and {k=}")
+  rows = m * k
+  if configs is None:
+    sms = getattr(jax.devices()[0], "core_count", 0) or 132
+    configs = (default_config(rows, f, d, sms), default_config(rows, d, f, sms))
+  ca, cb = (dataclasses.replace(c, k_splits=min(c.k_splits, w // BLOCK))
+            for c, w in zip(configs, (d, f)))
+  params = lambda c: plgpu.CompilerParams(num_warps=c.num_warps, num_stages=c.num_stages)
+  sg, su, sd = scales if scaled else (None, None, None)
+  part = jax.ShapeDtypeStruct((ca.k_splits, rows, f), jnp.float32)
+  g_parts, u_parts = pl.pallas_call(
+      functools.partial(_gate_up_kernel, n=f, d=d, k=k, config=ca, scaled=scaled),
+      out_shape=(part, part),
+      grid=(rows, pl.cdiv(f, ca.block_n), ca.k_splits),
+      compiler_params=params(ca), interpret=interpret, name="moe_gate_up_gemv",
+  )(ids, x, gate, up, *((sg, su) if scaled else ()))
+  return pl.pallas_call(
+      functools.partial(_down_kernel, n=d, f=f, parts=ca.k_splits, h_dtype=h_dtype or x.dtype,
+                        config=cb, scaled=scaled),
+      out_shape=jax.ShapeDtypeStruct((cb.k_splits, rows, d), jnp.float32),
+      grid=(rows, pl.cdiv(d, cb.block_n), cb.k_splits),
+      compiler_params=params(cb), interpret=interpret, name="moe_down_gemv",
+  )(ids, g_parts, u_parts, down, *((sd,) if scaled else ()))
+
+
 def moe_gemv_reference(x, ids, w, scale=None, *, out_dtype=None) -> jax.Array:
   """Pure jnp: gather each row's expert weight (dequantized) and contract in float32."""
   check_operands(x, ids, w, scale)
