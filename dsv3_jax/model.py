@@ -100,10 +100,9 @@ def scan_layers(layers: nnx.Module | nnx.List, x, positions, cache: LayerCache |
     return body
 
   experts = getattr(getattr(layers, "mlp", None), "experts", None)
-  few_rows = (experts is not None and x.shape[0] * x.shape[1] * layers.mlp.gate.cfg.num_experts_per_tok
-              <= experts.num_experts)    # Experts' GEMV path, decided by shapes as it decides
-  if (not isinstance(layers, nnx.List) and few_rows and getattr(experts, "gemv", False)
-      and remat is None):
+  gemv = (experts is not None and remat is None and not isinstance(layers, nnx.List)
+          and experts.takes_gemv(x.shape[0] * x.shape[1], layers.mlp.gate.cfg.num_experts_per_tok))
+  if gemv:
     (x, cache), stats = _scan_with_whole_experts(layers, x, cache, make_body)
   elif isinstance(layers, nnx.List):
     carry, stats = (x, cache), []

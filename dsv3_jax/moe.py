@@ -203,8 +203,8 @@ class Experts(nnx.Module):
     """Dropless dispatch: every token reaches all of its K experts.
 
     Few rows (M·K ≤ E, decoding): each row's expert weights are gathered and contracted in one
-    fused pass that reads only the chosen experts. More rows: tokens are sorted by expert into
-    one grouped matmul.
+    fused pass that reads only the chosen experts, or with `gemv` (2+ tokens) read in place by
+    the GEMV kernels. More rows: tokens are sorted by expert into one grouped matmul.
 
     Args:
       x: [M, D] tokens; routing: their top-K experts and weights.
@@ -214,10 +214,7 @@ class Experts(nnx.Module):
     m, k = routing.experts.shape
     fp8_training = self.fp8_backend.training and self.gate_proj_scale_inv is None
     if m * k <= self.num_experts and not fp8_training:
-      widths = (self.gate_proj.shape[-1], self.down_proj.shape[-1])   # D, F: 128-slab reductions
-      if self.gemv and all(w % 128 == 0 for w in widths):
-        return self._gemv(x, routing)
-      return self._gathered(x, routing)
+      return self._gemv(x, routing) if self.takes_gemv(m, k) else self._gathered(x, routing)
     flat = routing.experts.reshape(-1)                     # [M·K] expert of each (token, slot)
     order = jnp.argsort(flat, stable=True)                 # sort (token, slot) pairs by expert
     group_sizes = jnp.bincount(flat, length=self.num_experts).astype(jnp.int32)
@@ -241,6 +238,14 @@ class Experts(nnx.Module):
                                                    backend=self.fp8_backend)
     h = jax.nn.silu(mm(xp, "gate_proj")) * mm(xp, "up_proj")   # padding rows stay zero
     return mm(h, "down_proj")[dest]
+
+  def takes_gemv(self, m: int, k: int) -> bool:
+    """Whether M tokens of K experts each go through the GEMV kernels: `gemv` is on, few rows
+    (M·K ≤ E) but more than one token (for one token XLA's fused gather was as fast: 293 vs
+    287 tok/s for V2-Lite on an H100, docs/benchmarks.md), and D, F whole 128-wide slabs."""
+    widths = (self.gate_proj.shape[-1], self.down_proj.shape[-1])
+    return (self.gemv and 2 <= m and m * k <= self.num_experts
+            and all(w % 128 == 0 for w in widths))
 
   def _gemv(self, x, routing):
     """Few rows: the chosen experts' weights are read in place by two kernel launches

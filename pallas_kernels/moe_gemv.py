@@ -11,10 +11,11 @@ With one token there are only a handful of rows, so the reduction over D can als
 `k_splits` programs (float32 partials summed afterwards) to put enough loads in flight to stream
 the weights at HBM speed.
 
-The model calls it (`moe.Experts`, gemv=True) only on layers whose weights are arrays of their own
-(`Transformer.unstack_layers`): when the weight operand is a slice of the scanned layer stack, XLA
-copies the whole slice (all experts of the layer) before the custom call (measured: 22.9 ms per
-V2-Lite decode step instead of 3.4; docs/benchmarks.md, decode section).
+`moe_swiglu_gemv` runs a few tokens' whole SwiGLU experts in two launches on the same tiles; the
+model uses it (`moe.Experts.takes_gemv`) with the whole stacked weight of a scanned layer group
+and the layer's index folded into the expert ids: a slice of the scanned stack would be copied by
+XLA (all experts of the layer) before the custom call (measured: 22.9 ms per V2-Lite decode step
+instead of 3.4; docs/benchmarks.md, decode section).
 """
 
 from __future__ import annotations

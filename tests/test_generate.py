@@ -186,6 +186,7 @@ def test_gemv_experts_equal_the_gathered_experts(fp8):
   x = jax.random.normal(jax.random.key(1), (2, 128), jnp.float32)
   routing = model.moe_layers[0].mlp.gate(x)
   assert routing.experts.size <= experts.num_experts           # the few-rows (decode) path
+  assert experts.takes_gemv(2, 2) and not experts.takes_gemv(1, 2)  # one token: XLA's gather
   got, want = experts(x, routing), experts._gathered(x, routing)
   np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-6)
   assert np.abs(np.asarray(want)).max() > 1e-3
