@@ -5,7 +5,8 @@ GEMM level: for every projection of the config (attention, dense MLP; experts as
 product of E equal buckets, as the capacity dispatch runs them) at M = batch × seq tokens,
 `jax.vjp` of y = x · Wᵀ → (y, dx, dW):
   bf16          the bf16 training path: x bf16, the float32 master cast to bf16, XLA dots
-  fp8/<kind>    pallas_kernels.fp8_train_ops (online quantization included) on <kind> kernels
+  fp8/<kind>    pallas_kernels.fp8_train_ops (online quantization included) on <kind> kernels;
+                experts through fp8_train_batched (mosaic: batched kernels; triton: grouped)
 Timing: all R calls on distinct inputs inside one jitted program (benchmarks/fp8_gemm.py's
 queued wall time), TFLOP/s over the three GEMMs (6·M·N·K).
 
@@ -71,9 +72,6 @@ def bench_gemm(name, m, n, k, groups, kinds, reps_sets: int, seed: int = 0):
     w = 0.02 * jax.random.normal(keys[3 * i + 1], wshape, jnp.float32)
     dy = jax.random.normal(keys[3 * i + 2], (m, n), jnp.bfloat16)
     sets.append((x, w, dy))
-  sizes = jnp.full((groups,), m // groups, jnp.int32) if groups else None
-  grouped = (F.fp8_train_grouped_aligned if groups and (m // groups) % 128 == 0
-             else F.fp8_train_grouped)
 
   def bf16(x, w, dy):
     if groups:
@@ -88,8 +86,8 @@ def bench_gemm(name, m, n, k, groups, kinds, reps_sets: int, seed: int = 0):
     be = Fp8Backend(kind, training=True)
 
     def run(x, w, dy):
-      if groups:
-        f = lambda x, w: grouped(x, w, sizes, backend=be)
+      if groups:   # equal buckets, as the capacity dispatch runs them (_fp8_buckets)
+        f = lambda x, w: F.fp8_train_batched(x.reshape(groups, -1, k), w, backend=be).reshape(m, n)
       else:
         f = lambda x, w: F.fp8_train_linear(x, w, backend=be)
       y, pull = jax.vjp(f, x, w)
