@@ -5,7 +5,8 @@ GEMM level: for every projection of the config (attention, dense MLP; experts as
 product of E equal buckets, as the capacity dispatch runs them) at M = batch × seq tokens,
 `jax.vjp` of y = x · Wᵀ → (y, dx, dW):
   bf16          the bf16 training path: x bf16, the float32 master cast to bf16, XLA dots
-  fp8/<kind>    pallas_kernels.fp8_train_ops (online quantization included) on <kind> kernels
+  fp8/<kind>    pallas_kernels.fp8_train_ops (online quantization included) on <kind> kernels;
+                experts through fp8_train_batched (mosaic: batched kernels; triton: grouped)
 Timing: all R calls on distinct inputs inside one jitted program (benchmarks/fp8_gemm.py's
 queued wall time), TFLOP/s over the three GEMMs (6·M·N·K).
 
@@ -62,7 +63,18 @@ def projections(cfg, tokens: int, capacity_factor: float):
   return out
 
 
-def bench_gemm(name, m, n, k, groups, kinds, reps_sets: int, seed: int = 0):
+def kernel_breakdown(fn, args, top: int = 8) -> list[tuple[str, float]]:
+  """Device milliseconds per kernel name of one call of fn (CUPTI), largest first."""
+  from jax.experimental.mosaic.gpu import profiler
+  _, timings = profiler.measure(jax.jit(fn), aggregate=False)(*args)
+  totals = {}
+  for kname, ms in timings or []:
+    totals[kname] = totals.get(kname, 0.0) + ms
+  return sorted(totals.items(), key=lambda kv: -kv[1])[:top]
+
+
+def bench_gemm(name, m, n, k, groups, kinds, reps_sets: int, seed: int = 0,
+               breakdown: bool = False):
   keys = jax.random.split(jax.random.key(seed), 3 * reps_sets)
   sets = []
   for i in range(reps_sets):
@@ -71,9 +83,6 @@ def bench_gemm(name, m, n, k, groups, kinds, reps_sets: int, seed: int = 0):
     w = 0.02 * jax.random.normal(keys[3 * i + 1], wshape, jnp.float32)
     dy = jax.random.normal(keys[3 * i + 2], (m, n), jnp.bfloat16)
     sets.append((x, w, dy))
-  sizes = jnp.full((groups,), m // groups, jnp.int32) if groups else None
-  grouped = (F.fp8_train_grouped_aligned if groups and (m // groups) % 128 == 0
-             else F.fp8_train_grouped)
 
   def bf16(x, w, dy):
     if groups:
@@ -88,8 +97,8 @@ def bench_gemm(name, m, n, k, groups, kinds, reps_sets: int, seed: int = 0):
     be = Fp8Backend(kind, training=True)
 
     def run(x, w, dy):
-      if groups:
-        f = lambda x, w: grouped(x, w, sizes, backend=be)
+      if groups:   # equal buckets, as the capacity dispatch runs them (_fp8_buckets)
+        f = lambda x, w: F.fp8_train_batched(x.reshape(groups, -1, k), w, backend=be).reshape(m, n)
       else:
         f = lambda x, w: F.fp8_train_linear(x, w, backend=be)
       y, pull = jax.vjp(f, x, w)
@@ -111,6 +120,11 @@ def bench_gemm(name, m, n, k, groups, kinds, reps_sets: int, seed: int = 0):
       rows.append({"gemm": name, "M": m, "N": n, "K": k, "groups": groups, "method": label,
                    "ms": wall * 1e3, "tflops": flops / wall / 1e12,
                    "device_ms": dev * 1e3 if dev else None, "rel_err_vs_bf16": err})
+      if breakdown:
+        try:
+          rows[-1]["kernels_ms"] = kernel_breakdown(fn, sets[0])
+        except Exception as e:  # noqa: BLE001 (CUPTI is optional)
+          rows[-1]["kernels_ms"] = [(f"breakdown failed: {type(e).__name__}: {e}"[:200], 0.0)]
     except Exception as e:  # noqa: BLE001
       rows.append({"gemm": name, "method": label, "error": f"{type(e).__name__}: {e}"[:400]})
       traceback.print_exc(limit=2)
@@ -148,6 +162,8 @@ def main():
   ap.add_argument("--attn-impl", default="cudnn", help="training attention (cudnn, xla)")
   ap.add_argument("--remat", help="jax.checkpoint_policies name per layer (default: none)")
   ap.add_argument("--skip-gemm", action="store_true")
+  ap.add_argument("--breakdown", action="store_true",
+                  help="GEMM level: also each kernel's device time (CUPTI) for one call")
   ap.add_argument("--skip-step", action="store_true")
   ap.add_argument("--json", help="append JSON records here")
   args = ap.parse_args()
@@ -162,7 +178,7 @@ def main():
           f"{'err y/dx/dw vs bf16':>24}", flush=True)
     for i, (name, m, n, k, g) in enumerate(projections(cfg, args.batch * args.seq_len,
                                                        args.capacity_factor)):
-      for r in bench_gemm(name, m, n, k, g, kinds, args.sets, seed=i):
+      for r in bench_gemm(name, m, n, k, g, kinds, args.sets, seed=i, breakdown=args.breakdown):
         records.append(r)
         if "error" in r:
           print(f"{name:>16} {r['method']:>11} FAILED {r['error']}", flush=True)
@@ -170,6 +186,8 @@ def main():
         print(f"{name:>16} {m:>6} {n:>5} {k:>5} {r['method']:>11} {r['ms']:8.3f} "
               f"{r['tflops']:7.1f} {'/'.join(f'{e:.1e}' for e in r['rel_err_vs_bf16']):>24}",
               flush=True)
+        for kname, ms in r.get("kernels_ms", []):
+          print(f"{'':>20}{ms:8.3f} ms  {kname[:90]}", flush=True)
       gc.collect()
   if not args.skip_step:
     mesh = make_mesh(data=jax.device_count())

@@ -34,7 +34,7 @@ from jax.sharding import Mesh, PartitionSpec as P
 from dsv3_jax.layers import dequantize_blocks, lowp_product
 from dsv3_jax.moe import Experts, Routing, grouped_matmul, permute_rows, unpermute_rows
 from pallas_kernels.fp8_ops import Fp8Backend
-from pallas_kernels.fp8_train_ops import fp8_train_grouped, fp8_train_grouped_aligned
+from pallas_kernels.fp8_train_ops import fp8_train_batched
 
 _PROJ = ("gate_proj", "up_proj", "down_proj")
 
@@ -163,18 +163,11 @@ class _Body:
     return self._a2a(out)[dest, slot]                               # [m·K, D]
 
   def _fp8_buckets(self, h_in, weights):
-    """The bucketed experts under the FP8 training recipe: buckets [e, c, D] as one grouped
-    product with equal groups of c rows (already 128-aligned when c is a multiple of 128)."""
-    e, c, d = h_in.shape
-    sizes = jnp.full((e,), c, jnp.int32)
-    if c % 128 == 0:
-      mm = lambda a, name: fp8_train_grouped_aligned(a, weights[name], sizes,
-                                                     backend=self.fp8_backend)
-    else:
-      mm = lambda a, name: fp8_train_grouped(a, weights[name], sizes, backend=self.fp8_backend)
-    rows = h_in.reshape(e * c, d)
-    h = jax.nn.silu(mm(rows, "gate_proj")) * mm(rows, "up_proj")
-    return mm(h, "down_proj").reshape(e, c, -1)
+    """The bucketed experts under the FP8 training recipe: buckets [e, c, D], each its own
+    group (fp8_train_batched: one batched Mosaic launch per GEMM on Hopper)."""
+    mm = lambda a, name: fp8_train_batched(a, weights[name], backend=self.fp8_backend)
+    h = jax.nn.silu(mm(h_in, "gate_proj")) * mm(h_in, "up_proj")
+    return mm(h, "down_proj")
 
   def _bucketed(self, xs, sorted_e, weights):
     """Per-(device, expert) buckets of `cap` rows; pairs beyond a bucket are dropped."""

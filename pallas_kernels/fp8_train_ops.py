@@ -21,11 +21,15 @@ Experts use the grouped form: rows sorted by expert, w [E, N, K]. Wgrad's 128-to
 not straddle two experts, so each expert's rows are padded to a multiple of 128
 (`align_groups`, the contiguous layout DeepGEMM uses for the same reason).
 
+Capacity-bucketed experts (E equal buckets of C rows, x [E, C, K]) need no alignment: each
+bucket is its own group (`fp8_train_batched`).
+
 Backends (`Fp8Backend.kind`): "xla" emulates the kernels exactly in float32 (dequantized operands,
 HIGHEST-precision dots: the products of e4m3 values are exact in float32, so only the summation
 order differs) — the CPU path and the tests' reference; "triton" and "mosaic" run
-pallas_kernels (Mosaic for the Fprop/Dgrad GEMMs on Hopper, Triton for the grouped and Wgrad
-GEMMs).
+pallas_kernels. Mosaic (Hopper) runs every dense GEMM (Fprop, Dgrad, and Wgrad with per-row
+scales on both operands) and every GEMM of the bucketed experts (one batched launch each);
+ragged (dropless) expert groups run on Triton with either kind, and on "triton" everything does.
 """
 
 from __future__ import annotations
@@ -36,7 +40,8 @@ import jax
 import jax.numpy as jnp
 
 from pallas_kernels.act_quant import act_quant_reference
-from pallas_kernels.fp8_gemm_mosaic import fp8_gemm_mosaic
+from pallas_kernels.fp8_gemm_mosaic import (fp8_gemm_mosaic, fp8_gemm_mosaic_batched,
+                                             fp8_rowwise_gemm_mosaic)
 from pallas_kernels.fp8_gemm_triton import (dequantize_activations, dequantize_weight,
                                             fp8_gemm_triton)
 from pallas_kernels.fp8_grouped_gemm_triton import fp8_grouped_gemm_triton
@@ -91,6 +96,14 @@ def _wgrad(a, sa, b, sb, block_offsets, backend: Fp8Backend):
   return fp8_wgrad_triton(a, sa, b, sb, block_offsets, interpret=backend.interpret)
 
 
+def _dense_wgrad(a, sa, b, sb, backend: Fp8Backend):
+  """a [M, T], b [N, T], per-row scales along T, one group (all tokens) → [M, N] float32."""
+  if backend.kind == "mosaic":
+    return fp8_rowwise_gemm_mosaic(a, sa, b, sb, interpret=backend.interpret)
+  offsets = jnp.array([0, a.shape[1] // BLOCK], jnp.int32)
+  return _wgrad(a, sa, b, sb, offsets, backend)[0]
+
+
 # ---- dense: y = x · Wᵀ ---------------------------------------------------------------------------
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
 def _linear(x, w, backend):
@@ -110,8 +123,7 @@ def _linear_bwd(backend, res, dy):
   dyq, sdy = quant_rows(dy)                   # Dgrad: dy per token per 128 channels
   dx = _gemm(dyq, sdy, _t(wq), _t(sw), backend, x0.dtype)   # the same blocks, transposed
   dytq, sdyt = quant_rows(_t(dy))             # Wgrad: dy per channel per 128 tokens
-  offsets = jnp.array([0, dy.shape[0] // BLOCK], jnp.int32)
-  dw = _wgrad(dytq, sdyt, xtq, sxt, offsets, backend)[0]
+  dw = _dense_wgrad(dytq, sdyt, xtq, sxt, backend)
   return dx, dw.astype(w0.dtype)
 
 
@@ -250,3 +262,57 @@ def fp8_train_grouped(x: jax.Array, w: jax.Array, group_sizes: jax.Array, *,
   group_sizes: [E] summing to M. Returns [M, N] in x.dtype."""
   xp, sizes, dest = to_aligned_rows(x, group_sizes)
   return fp8_train_grouped_aligned(xp, w, sizes, backend=backend)[dest]
+
+
+# ---- equal buckets (capacity-dispatched experts): y[e] = x[e] · W[e]ᵀ ---------------------------
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _batched(x, w, backend):
+  return _batched_fwd(x, w, backend)[0]
+
+
+def _batched_fwd(x, w, backend):
+  xq, sx = quant_rows(x)                      # [E, C, K], per token per 128 channels
+  wq, sw = quant_blocks(w)                    # [E, N, K], 128×128 blocks
+  y = fp8_gemm_mosaic_batched(xq, sx, wq, sw, out_dtype=x.dtype, interpret=backend.interpret)
+  xtq, sxt = quant_rows(_t(x))                # [E, K, C], per channel per 128 tokens
+  return y, (xtq, sxt, wq, sw, jnp.zeros((0,), x.dtype), jnp.zeros((0,), w.dtype))
+
+
+def _batched_bwd(backend, res, dy):
+  xtq, sxt, wq, sw, x0, w0 = res
+  dyq, sdy = quant_rows(dy)
+  dx = fp8_gemm_mosaic_batched(dyq, sdy, _t(wq), _t(sw), out_dtype=x0.dtype,
+                               interpret=backend.interpret)
+  dytq, sdyt = quant_rows(_t(dy))             # [E, N, C]
+  dw = fp8_rowwise_gemm_mosaic(dytq, sdyt, xtq, sxt, interpret=backend.interpret)
+  return dx, dw.astype(w0.dtype)
+
+
+_batched.defvjp(_batched_fwd, _batched_bwd)
+
+
+def fp8_train_batched(x: jax.Array, w: jax.Array, *, backend: Fp8Backend) -> jax.Array:
+  """Per-bucket y[e] = x[e] · W[e]ᵀ through FP8 GEMMs (capacity-dispatched experts).
+
+  Every bucket is a group of its own, so a Wgrad token tile never straddles two experts and no
+  aligned layout is needed. "mosaic": one batched Mosaic launch per GEMM (C and the widths are
+  zero-padded to multiples of 128: exact); other kinds: the grouped product with E equal groups
+  (fp8_train_grouped_aligned when C is a multiple of 128, else fp8_train_grouped) — the same
+  function.
+
+  Args:
+    x: [E, C, K] bucketed activations; w: [E, N, K] masters.
+  Returns:
+    [E, C, N] in x.dtype; differentiable in x and w.
+  """
+  e, c, k = x.shape
+  if w.ndim != 3 or w.shape[0] != e or w.shape[2] != k:
+    raise ValueError(f"fp8_train_batched: {x.shape=} and weight {w.shape=} disagree on E or K")
+  n = w.shape[1]
+  if backend.kind != "mosaic":
+    sizes = jnp.full((e,), c, jnp.int32)
+    grouped = fp8_train_grouped_aligned if c % BLOCK == 0 else fp8_train_grouped
+    return grouped(x.reshape(e * c, k), w, sizes, backend=backend).reshape(e, c, n)
+  x, w = _match_vma(x, w)
+  y = _batched(_pad_to(_pad_to(x, 1), 2), _pad_to(_pad_to(w, 1), 2), backend)
+  return y[:, :c, :n]

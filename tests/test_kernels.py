@@ -141,6 +141,69 @@ def test_fp8_gemm_mosaic_interpret_matches_reference(m, n, k, config):
   assert _rel(got, fp8_gemm_reference(a, sa, b, sb, out_dtype=jnp.float32)) < 1e-5
 
 
+def _rowwise_operands(m, n, k, seed, groups=None, hot_col=None):
+  """Wgrad-style operands: both quantized per row along K (per channel per 128 tokens). With
+  hot_col, row hot_col of B (a column of C) is 1e6 times larger: its scales differ from its
+  128-row block's other rows by ~1e6, so one scale per 128 rows of B would flush them."""
+  lead = () if groups is None else (groups,)
+  ka, kb = jax.random.split(jax.random.key(seed))
+  x = jax.random.normal(ka, (*lead, m, k), jnp.float32)
+  y = jax.random.normal(kb, (*lead, n, k), jnp.float32)
+  if hot_col is not None:
+    y = y.at[..., hot_col, :].multiply(1e6)
+  return (*act_quant_reference(x), *act_quant_reference(y))
+
+
+@pytest.mark.parametrize("m,n,k,groups,config,hot", [
+    (128, 192, 384, None, None, 5),                                   # a hot column of C
+    (136, 72, 512, None, mosaic.TuningConfig(k_splits=2), None),     # ragged M and N, split K
+    (64, 256, 256, 3, mosaic.TuningConfig(tile_n=64, wg_dimension="n"), None),   # groups
+])
+def test_fp8_rowwise_gemm_mosaic_interpret_matches_reference(m, n, k, groups, config, hot):
+  a, sa, b, sb = _rowwise_operands(m, n, k, seed=m + n + k, groups=groups, hot_col=hot)
+  got = mosaic.fp8_rowwise_gemm_mosaic(a, sa, b, sb, config=config, interpret=True)
+  want = mosaic.fp8_rowwise_gemm_reference(a, sa, b, sb)
+  assert got.shape == want.shape == ((groups,) if groups else ()) + (m, n)
+  assert got.dtype == jnp.float32
+  if hot is None:
+    assert _rel(got, want) < 1e-5
+    return
+  cold = np.arange(n) != hot
+  assert _rel(np.asarray(got)[:, cold], np.asarray(want)[:, cold]) < 1e-5
+  assert _rel(got[:, hot], want[:, hot]) < 1e-5
+  # the data can tell: one scale per 128 rows of B (the largest) loses the cold columns
+  padded = jnp.pad(sb, ((0, -n % 128), (0, 0)))
+  block_sb = jnp.repeat(padded.reshape(-1, 128, sb.shape[-1]).max(1), 128, axis=0)[:n]
+  wrong = mosaic.fp8_rowwise_gemm_reference(a, sa, b, block_sb)
+  assert _rel(np.asarray(wrong)[:, cold], np.asarray(want)[:, cold]) > 1.0
+
+
+@pytest.mark.parametrize("e,m,n,k", [(3, 128, 192, 256), (2, 72, 136, 384)])
+def test_fp8_gemm_mosaic_batched_interpret_matches_reference(e, m, n, k):
+  kx, kw = jax.random.split(jax.random.key(e + m))
+  a, sa = act_quant_reference(2.0 * jax.random.normal(kx, (e, m, k)))
+  b, sb = weight_quant_reference(0.05 * jax.random.normal(kw, (e, n, k)))
+  got = mosaic.fp8_gemm_mosaic_batched(a, sa, b, sb, out_dtype=jnp.float32, interpret=True)
+  want = mosaic.fp8_gemm_mosaic_batched_reference(a, sa, b, sb, out_dtype=jnp.float32)
+  assert got.shape == (e, m, n)
+  assert _rel(got, want) < 1e-5
+  # each group multiplies its own weight: group 1 against group 0's weight is far off
+  assert _rel(got[1], fp8_gemm_reference(a[1], sa[1], b[0], sb[0], out_dtype=jnp.float32)) > 0.5
+
+
+def test_mosaic_batched_and_rowwise_reject_bad_operands():
+  a, sa, b, sb = _rowwise_operands(64, 64, 256, seed=0, groups=2)
+  with pytest.raises(ValueError, match="sb.shape"):
+    mosaic.fp8_rowwise_gemm_mosaic(a, sa, b, sb[..., :1], interpret=True)
+  with pytest.raises(ValueError, match="the K axes"):
+    mosaic.fp8_rowwise_gemm_mosaic(a[0], sa[0], b[0, :, :128], sb[0, :, :1], interpret=True)
+  with pytest.raises(ValueError, match="groups"):
+    mosaic.fp8_rowwise_gemm_mosaic(a, sa, b[:1], sb[:1], interpret=True)
+  wq, ws = weight_quant_reference(jnp.ones((2, 64, 256)))
+  with pytest.raises(ValueError, match="sb.shape"):
+    mosaic.fp8_gemm_mosaic_batched(a, sa, wq, ws[:, :, :1], interpret=True)
+
+
 # ---- grouped ------------------------------------------------------------------------------------
 @pytest.mark.parametrize("sizes,n", [([3, 0, 20, 7], 200), ([40, 0, 0, 90], 576), ([0, 1, 0, 0], 64)])
 def test_fp8_grouped_gemm_triton_matches_reference(sizes, n):
@@ -289,6 +352,26 @@ def test_fp8_gemm_mosaic_compiled_split_k_and_wg_n():
   for cfg in [mosaic.TuningConfig(tile_n=32, wg_dimension="n", k_splits=4),
               mosaic.TuningConfig(tile_n=128, wg_dimension="n", max_concurrent_steps=3)]:
     _check_compiled(mosaic.fp8_gemm_mosaic, 17, 640, 1024, seed=3, config=cfg)
+
+
+@hopper_only
+@pytest.mark.parametrize("m,n,k,groups", [(512, 1024, 16384, None), (2816, 1024, 4096, None),
+                                          (136, 200, 640, None), (512, 1024, 5120, 4)])
+def test_fp8_rowwise_gemm_mosaic_compiled(m, n, k, groups):
+  # the tensor cores' FP8 accumulation within a slab (see _check_compiled)
+  a, sa, b, sb = _rowwise_operands(m, n, k, seed=m + k, groups=groups)
+  got = mosaic.fp8_rowwise_gemm_mosaic(a, sa, b, sb)
+  assert _rel(got, mosaic.fp8_rowwise_gemm_reference(a, sa, b, sb)) < 5e-4
+
+
+@hopper_only
+def test_fp8_gemm_mosaic_batched_compiled():
+  kx, kw = jax.random.split(jax.random.key(4))
+  a, sa = act_quant_reference(2.0 * jax.random.normal(kx, (16, 640, 1024)))
+  b, sb = weight_quant_reference(0.05 * jax.random.normal(kw, (16, 512, 1024)))
+  got = mosaic.fp8_gemm_mosaic_batched(a, sa, b, sb, out_dtype=jnp.float32)
+  want = mosaic.fp8_gemm_mosaic_batched_reference(a, sa, b, sb, out_dtype=jnp.float32)
+  assert _rel(got, want) < 5e-4
 
 
 @gpu_only
