@@ -153,10 +153,6 @@ class LayerOfStack:
   def shape(self):
     return self.stack.shape[1:]
 
-  @property
-  def dtype(self):
-    return self.stack.dtype
-
   def __getitem__(self, idx):
     return jax.lax.dynamic_index_in_dim(self.stack, self.index, keepdims=False)[idx]
 

@@ -72,11 +72,14 @@ def _t(x):
 
 # ---- the GEMMs, per backend (operands already padded to multiples of 128) ----------------------
 def _gemm(a, sa, b, sb, backend: Fp8Backend, out_dtype):
-  """a [M, K] 1×128 scales; b [N, K] 128×128 scales → [M, N]."""
+  """a [(E,) M, K] 1×128 scales; b [(E,) N, K] 128×128 scales → [(E,) M, N] (3-D: per group,
+  on "xla" and "mosaic")."""
   if backend.kind == "xla":
-    return jnp.dot(dequant_rows(a, sa), _t(dequant_blocks(b, sb)), precision=_HI).astype(out_dtype)
+    return jnp.matmul(dequant_rows(a, sa), _t(dequant_blocks(b, sb)),
+                      precision=_HI).astype(out_dtype)
   if backend.kind == "mosaic":
-    return fp8_gemm_mosaic(a, sa, b, sb, out_dtype=out_dtype, interpret=backend.interpret)
+    gemm = fp8_gemm_mosaic_batched if a.ndim == 3 else fp8_gemm_mosaic
+    return gemm(a, sa, b, sb, out_dtype=out_dtype, interpret=backend.interpret)
   return fp8_gemm_triton(a, sa, b, sb, out_dtype=out_dtype, interpret=backend.interpret)
 
 
@@ -97,7 +100,8 @@ def _wgrad(a, sa, b, sb, block_offsets, backend: Fp8Backend):
 
 
 def _dense_wgrad(a, sa, b, sb, backend: Fp8Backend):
-  """a [M, T], b [N, T], per-row scales along T, one group (all tokens) → [M, N] float32."""
+  """a [(E,) M, T], b [(E,) N, T], per-row scales along T, all tokens one group (per E on
+  "mosaic") → [(E,) M, N] float32."""
   if backend.kind == "mosaic":
     return fp8_rowwise_gemm_mosaic(a, sa, b, sb, interpret=backend.interpret)
   offsets = jnp.array([0, a.shape[1] // BLOCK], jnp.int32)
@@ -107,6 +111,7 @@ def _dense_wgrad(a, sa, b, sb, backend: Fp8Backend):
 # ---- dense: y = x · Wᵀ ---------------------------------------------------------------------------
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
 def _linear(x, w, backend):
+  """x [(E,) M, K] · w [(E,) N, K]ᵀ; 3-D operands (equal buckets) on "mosaic" only."""
   return _linear_fwd(x, w, backend)[0]
 
 
@@ -265,32 +270,6 @@ def fp8_train_grouped(x: jax.Array, w: jax.Array, group_sizes: jax.Array, *,
 
 
 # ---- equal buckets (capacity-dispatched experts): y[e] = x[e] · W[e]ᵀ ---------------------------
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def _batched(x, w, backend):
-  return _batched_fwd(x, w, backend)[0]
-
-
-def _batched_fwd(x, w, backend):
-  xq, sx = quant_rows(x)                      # [E, C, K], per token per 128 channels
-  wq, sw = quant_blocks(w)                    # [E, N, K], 128×128 blocks
-  y = fp8_gemm_mosaic_batched(xq, sx, wq, sw, out_dtype=x.dtype, interpret=backend.interpret)
-  xtq, sxt = quant_rows(_t(x))                # [E, K, C], per channel per 128 tokens
-  return y, (xtq, sxt, wq, sw, jnp.zeros((0,), x.dtype), jnp.zeros((0,), w.dtype))
-
-
-def _batched_bwd(backend, res, dy):
-  xtq, sxt, wq, sw, x0, w0 = res
-  dyq, sdy = quant_rows(dy)
-  dx = fp8_gemm_mosaic_batched(dyq, sdy, _t(wq), _t(sw), out_dtype=x0.dtype,
-                               interpret=backend.interpret)
-  dytq, sdyt = quant_rows(_t(dy))             # [E, N, C]
-  dw = fp8_rowwise_gemm_mosaic(dytq, sdyt, xtq, sxt, interpret=backend.interpret)
-  return dx, dw.astype(w0.dtype)
-
-
-_batched.defvjp(_batched_fwd, _batched_bwd)
-
-
 def fp8_train_batched(x: jax.Array, w: jax.Array, *, backend: Fp8Backend) -> jax.Array:
   """Per-bucket y[e] = x[e] · W[e]ᵀ through FP8 GEMMs (capacity-dispatched experts).
 
@@ -314,5 +293,5 @@ def fp8_train_batched(x: jax.Array, w: jax.Array, *, backend: Fp8Backend) -> jax
     grouped = fp8_train_grouped_aligned if c % BLOCK == 0 else fp8_train_grouped
     return grouped(x.reshape(e * c, k), w, sizes, backend=backend).reshape(e, c, n)
   x, w = _match_vma(x, w)
-  y = _batched(_pad_to(_pad_to(x, 1), 2), _pad_to(_pad_to(w, 1), 2), backend)
+  y = _linear(_pad_to(_pad_to(x, 1), 2), _pad_to(_pad_to(w, 1), 2), backend)
   return y[:, :c, :n]

@@ -61,28 +61,40 @@ def default_config(rows: int, n: int, d: int, num_sms: int = 132) -> TuningConfi
   return TuningConfig(block_n=block_n, k_splits=splits)
 
 
+def _band(ids_ref, n: int, config: TuningConfig):
+  """This program's row r, the row's expert, its first column n0 and the in-range column mask
+  (grid: rows × column bands × K splits)."""
+  r, n0 = pl.program_id(0), pl.program_id(1) * config.block_n
+  col_ok = n0 + jax.lax.broadcasted_iota(jnp.int32, (config.block_n,), 0) < n
+  return r, ids_ref[r], n0, col_ok
+
+
+def _reduce_slabs(width: int, config: TuningConfig, body, init):
+  """fori_loop over this program's 128-wide slabs of the reduction: split s of S takes slabs
+  [s·kbs/S, (s+1)·kbs/S). body(kb, ks, acc) gets the slab index and its slice."""
+  split, kbs, parts = pl.program_id(2), width // BLOCK, config.k_splits
+  step = lambda kb, acc: body(kb, pl.ds(pl.multiple_of(kb * BLOCK, BLOCK), BLOCK), acc)
+  return jax.lax.fori_loop(split * kbs // parts, (split + 1) * kbs // parts, step, init)
+
+
+def _weight_tile(w_ref, s_ref, e, n0, col_ok, kb, ks):
+  """Expert e's [block_n, 128] weight tile in float32, dequantized when s_ref is given."""
+  w = plgpu.load(w_ref.at[e, pl.ds(n0, col_ok.shape[0]), ks], mask=col_ok[:, None], other=0.0)
+  w = w.astype(jnp.float32)
+  return w * s_ref[e, n0 // BLOCK, kb] if s_ref is not None else w
+
+
 def _kernel(ids_ref, x_ref, w_ref, *rest, n: int, d: int, config: TuningConfig, scaled: bool):
   s_ref, o_ref = rest if scaled else (None, rest[0])
-  bn, bk, splits = config.block_n, config.block_k, config.k_splits
-  r, j, split = pl.program_id(0), pl.program_id(1), pl.program_id(2)
-  e = ids_ref[r]
-  n0 = j * bn
-  col_ok = n0 + jax.lax.broadcasted_iota(jnp.int32, (bn,), 0) < n
+  r, e, n0, col_ok = _band(ids_ref, n, config)
 
-  def body(kb, acc):
-    ks = pl.ds(pl.multiple_of(kb * bk, bk), bk)
+  def body(kb, ks, acc):
     x = x_ref[r, ks].astype(jnp.float32)                                         # [bk]
-    w = plgpu.load(w_ref.at[e, pl.ds(n0, bn), ks], mask=col_ok[:, None], other=0.0)
-    w = w.astype(jnp.float32)                                                    # [bn, bk]
-    if scaled:
-      w = w * s_ref[e, n0 // BLOCK, kb]
-    return acc + w * x[None, :]
+    return acc + _weight_tile(w_ref, s_ref, e, n0, col_ok, kb, ks) * x[None, :]
 
-  kbs = d // bk  # split s reduces slabs [s·kbs/splits, (s+1)·kbs/splits)
-  acc = jax.lax.fori_loop(split * kbs // splits, (split + 1) * kbs // splits, body,
-                          jnp.zeros((bn, bk), jnp.float32))
-  cols = pl.ds(n0, bn)
-  dst = o_ref.at[split, r, cols] if splits > 1 else o_ref.at[r, cols]
+  acc = _reduce_slabs(d, config, body, jnp.zeros((config.block_n, BLOCK), jnp.float32))
+  cols = pl.ds(n0, config.block_n)
+  dst = o_ref.at[pl.program_id(2), r, cols] if config.k_splits > 1 else o_ref.at[r, cols]
   plgpu.store(dst, acc.sum(axis=1).astype(o_ref.dtype), mask=col_ok)
 
 
@@ -144,28 +156,18 @@ def _gate_up_kernel(ids_ref, x_ref, wg_ref, wu_ref, *rest, n: int, d: int, k: in
                     config: TuningConfig, scaled: bool):
   """Row r = (token r // k, its expert ids[r]): partial gate and up sums of one column band."""
   sg_ref, su_ref, og_ref, ou_ref = rest if scaled else (None, None, *rest)
-  bn, bk, splits = config.block_n, config.block_k, config.k_splits
-  r, j, split = pl.program_id(0), pl.program_id(1), pl.program_id(2)
-  e, t = ids_ref[r], r // k
-  n0 = j * bn
-  col_ok = n0 + jax.lax.broadcasted_iota(jnp.int32, (bn,), 0) < n
+  r, e, n0, col_ok = _band(ids_ref, n, config)
 
-  def tile(w_ref, s_ref, kb, ks):
-    w = plgpu.load(w_ref.at[e, pl.ds(n0, bn), ks], mask=col_ok[:, None], other=0.0)
-    w = w.astype(jnp.float32)
-    return w * s_ref[e, n0 // BLOCK, kb] if scaled else w
+  def body(kb, ks, accs):
+    x = x_ref[r // k, ks].astype(jnp.float32)[None, :]
+    return (accs[0] + _weight_tile(wg_ref, sg_ref, e, n0, col_ok, kb, ks) * x,
+            accs[1] + _weight_tile(wu_ref, su_ref, e, n0, col_ok, kb, ks) * x)
 
-  def body(kb, accs):
-    ks = pl.ds(pl.multiple_of(kb * bk, bk), bk)
-    x = x_ref[t, ks].astype(jnp.float32)[None, :]
-    return accs[0] + tile(wg_ref, sg_ref, kb, ks) * x, accs[1] + tile(wu_ref, su_ref, kb, ks) * x
-
-  kbs = d // bk
-  zero = jnp.zeros((bn, bk), jnp.float32)
-  g, u = jax.lax.fori_loop(split * kbs // splits, (split + 1) * kbs // splits, body, (zero, zero))
-  cols = pl.ds(n0, bn)
-  plgpu.store(og_ref.at[split, r, cols], g.sum(axis=1), mask=col_ok)
-  plgpu.store(ou_ref.at[split, r, cols], u.sum(axis=1), mask=col_ok)
+  zero = jnp.zeros((config.block_n, BLOCK), jnp.float32)
+  g, u = _reduce_slabs(d, config, body, (zero, zero))
+  cols = pl.ds(n0, config.block_n)
+  plgpu.store(og_ref.at[pl.program_id(2), r, cols], g.sum(axis=1), mask=col_ok)
+  plgpu.store(ou_ref.at[pl.program_id(2), r, cols], u.sum(axis=1), mask=col_ok)
 
 
 def _down_kernel(ids_ref, g_ref, u_ref, w_ref, *rest, n: int, f: int, parts: int, h_dtype,
@@ -174,27 +176,17 @@ def _down_kernel(ids_ref, g_ref, u_ref, w_ref, *rest, n: int, f: int, parts: int
   formed slab by slab from kernel A's partials and rounded to h_dtype (as the sorted path's
   activations are)."""
   s_ref, o_ref = rest if scaled else (None, rest[0])
-  bn, bk, splits = config.block_n, config.block_k, config.k_splits
-  r, j, split = pl.program_id(0), pl.program_id(1), pl.program_id(2)
-  e = ids_ref[r]
-  n0 = j * bn
-  col_ok = n0 + jax.lax.broadcasted_iota(jnp.int32, (bn,), 0) < n
+  r, e, n0, col_ok = _band(ids_ref, n, config)
 
-  def body(kb, acc):
-    ks = pl.ds(pl.multiple_of(kb * bk, bk), bk)
+  def body(kb, ks, acc):
     g = sum(g_ref[jnp.int32(s), r, ks] for s in range(parts))
     u = sum(u_ref[jnp.int32(s), r, ks] for s in range(parts))
     h = (g / (1.0 + jnp.exp(-g)) * u).astype(h_dtype).astype(jnp.float32)
-    w = plgpu.load(w_ref.at[e, pl.ds(n0, bn), ks], mask=col_ok[:, None], other=0.0)
-    w = w.astype(jnp.float32)
-    if scaled:
-      w = w * s_ref[e, n0 // BLOCK, kb]
-    return acc + w * h[None, :]
+    return acc + _weight_tile(w_ref, s_ref, e, n0, col_ok, kb, ks) * h[None, :]
 
-  kbs = f // bk
-  acc = jax.lax.fori_loop(split * kbs // splits, (split + 1) * kbs // splits, body,
-                          jnp.zeros((bn, bk), jnp.float32))
-  plgpu.store(o_ref.at[split, r, pl.ds(n0, bn)], acc.sum(axis=1), mask=col_ok)
+  acc = _reduce_slabs(f, config, body, jnp.zeros((config.block_n, BLOCK), jnp.float32))
+  plgpu.store(o_ref.at[pl.program_id(2), r, pl.ds(n0, config.block_n)], acc.sum(axis=1),
+              mask=col_ok)
 
 
 @functools.partial(jax.jit, static_argnames=("k", "h_dtype", "configs", "interpret"))

@@ -210,8 +210,9 @@ def test_gemv_reads_the_stack_at_the_layer_index():
   unstacked = _wide_model(False).unstack_layers()
   layer1 = unstacked.moe_layers[1].mlp.experts
   layer1.gemv = True
-  x = jax.random.normal(jax.random.key(2), (1, 128), jnp.float32)
+  x = jax.random.normal(jax.random.key(2), (2, 128), jnp.float32)
   routing = unstacked.moe_layers[1].mlp.gate(x)
+  assert layer1.takes_gemv(*routing.experts.shape)
   want = layer1(x, routing)
   for name in ("gate_proj", "up_proj", "down_proj"):
     var = getattr(layer1, name)
