@@ -100,11 +100,13 @@ def run_jax(args) -> dict:
   rows = []
   for precision, layers in [(p, l) for p in args.precisions for l in args.layers]:
     gemv = layers != "scanned-gather"
+    dense_gemv = layers != "scanned-xla-dense"
     t0 = time.perf_counter()
     model = random_model(cfg, jnp.bfloat16, fp8=precision.startswith("fp8"),
                          fp8_backend="xla" if precision.endswith("-xla") else "auto")
     print(f"{precision}: random model built in {time.perf_counter() - t0:.0f}s", flush=True)
-    engine = Engine(model, chunk=args.chunk, unstack=layers == "unstacked", expert_gemv=gemv)
+    engine = Engine(model, chunk=args.chunk, unstack=layers == "unstacked", expert_gemv=gemv,
+                    dense_gemv=dense_gemv)
     max_len = args.prompt + args.new_tokens + 64
     for batch in args.batches:
       rng = np.random.default_rng(batch)
@@ -115,7 +117,7 @@ def run_jax(args) -> dict:
       _, st = engine.generate(prompts, max_new_tokens=args.new_tokens, max_len=max_len)
       if args.profile:
         with jax.profiler.trace(os.path.join(args.profile, f"{precision}_{layers}_b{batch}")):
-          engine.generate(prompts, max_new_tokens=args.chunk + 1, max_len=max_len)
+          engine.generate(prompts, max_new_tokens=args.profile_steps + 1, max_len=max_len)
       step_ms = 1e3 * batch / st.decode_tok_s
       need = bytes_per_step(cfg, model, batch, args.prompt + args.new_tokens // 2)
       roof_ms = 1e3 * need / bw
@@ -186,13 +188,19 @@ def main():
   ap.add_argument("--hf-tokens", type=int, default=32, help="decode tokens timed for HF")
   ap.add_argument("--chunk", type=int, default=16)
   ap.add_argument("--layers", nargs="+", default=["scanned"],
-                  choices=["scanned", "scanned-gather", "unstacked"],
-                  help="scanned: lax.scan over the stacked layers, routed experts of few rows "
-                  "through the GEMV kernel (generate.Engine's GPU default); scanned-gather: "
-                  "the same through XLA's gather; unstacked: every layer has arrays of its own")
+                  choices=["scanned", "scanned-gather", "scanned-xla-dense", "unstacked"],
+                  help="scanned: lax.scan over the stacked layers, routed experts of 2+ rows and "
+                  "the projections of ≤ 16 rows through the GEMV kernels, which read the stacked "
+                  "weights in place (generate.Engine's GPU default); scanned-gather: routed "
+                  "experts through XLA's gather; scanned-xla-dense: projections through XLA's "
+                  "dot / act_quant + FP8 GEMM (the earlier default); unstacked: every layer has "
+                  "arrays of its own")
   ap.add_argument("--profile", metavar="DIR",
-                  help="after each timing, trace one more decode chunk into DIR/<precision>_"
+                  help="after each timing, trace --profile-steps more decode steps into "
+                  "DIR/<precision>_"
                   "<layers>_b<batch> (read it with benchmarks/trace_summary.py)")
+  ap.add_argument("--profile-steps", type=int, default=16,
+                  help="decode steps in each profile (after the prompt's prefill)")
   ap.add_argument("--out", help="write the results as JSON here")
   args = ap.parse_args()
   res = run_hf(args) if args.hf else run_jax(args)

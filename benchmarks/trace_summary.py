@@ -45,6 +45,7 @@ def summarize(path: str, top: int = 30, steps: int = 1, match: str = "GPU") -> s
   per_line = collections.defaultdict(lambda: collections.Counter())
   counts = collections.defaultdict(lambda: collections.Counter())
   span = collections.defaultdict(lambda: [float("inf"), 0.0])
+  intervals = collections.defaultdict(list)
   for e in events:
     if e.get("ph") != "X" or e.get("pid") not in gpu:
       continue
@@ -53,12 +54,14 @@ def summarize(path: str, top: int = 30, steps: int = 1, match: str = "GPU") -> s
     counts[line][e["name"]] += 1
     s = span[line]
     s[0], s[1] = min(s[0], e["ts"]), max(s[1], e["ts"] + e.get("dur", 0))
+    intervals[line].append((e["ts"], e["ts"] + e.get("dur", 0)))
   out = []
   for line, c in sorted(per_line.items()):
     busy = sum(c.values())
     out.append(f"== {line}: busy {busy / 1e3 / steps:.2f} ms/step over a span of "
                f"{(span[line][1] - span[line][0]) / 1e3 / steps:.2f} ms/step, "
                f"{sum(counts[line].values()) // steps} events/step")
+    out.append("   idle gaps between kernels: " + _gaps(intervals[line], steps))
     fam = collections.Counter()
     for name, d in c.items():
       fam[_family(name)[:60]] += d
@@ -68,6 +71,23 @@ def summarize(path: str, top: int = 30, steps: int = 1, match: str = "GPU") -> s
       out.append(f"   {d / 1e3 / steps:9.3f} ms  {100 * d / busy:5.1f}%  "
                  f"x{counts[line][name] // steps:<4} {name[:110]}")
   return "\n".join(out)
+
+
+def _gaps(intervals, steps: int) -> str:
+  """Idle time between consecutive kernels of one line, per step, bucketed by gap length."""
+  buckets = [(2, "<2us"), (5, "2-5us"), (20, "5-20us"), (float("inf"), ">20us")]
+  total = collections.Counter()
+  count = collections.Counter()
+  end = None
+  for t0, t1 in sorted(intervals):
+    if end is not None and t0 > end:
+      gap = t0 - end
+      label = next(name for limit, name in buckets if gap < limit)
+      total[label] += gap
+      count[label] += 1
+    end = t1 if end is None else max(end, t1)
+  return ", ".join(f"{name} {count[name] // steps} x = {total[name] / 1e3 / steps:.2f} ms"
+                   for _, name in buckets)
 
 
 def main():

@@ -162,18 +162,23 @@ class Engine:
     expert_gemv: decode routed experts through the expert-indexed GEMV kernel
       (`Transformer.use_expert_gemv`, changing `model` in place); default: on GPUs, elsewhere
       as the model is set.
+    dense_gemv: decode the projections (attention, shared experts, head) through the GEMV kernel
+      (`Transformer.use_dense_gemv`, changing `model` in place); default: on GPUs, elsewhere as
+      the model is set.
     unstack: give every layer arrays of its own (`Transformer.unstack_layers`, changing `model`
       in place); compile time then grows with depth.
   """
 
   def __init__(self, model, *, mtp: bool = False, chunk: int = 8, cache_dtype=None,
                prefill_tokens: int = 8192, expert_gemv: bool | None = None,
-               unstack: bool = False):
+               dense_gemv: bool | None = None, unstack: bool = False):
     if mtp and not len(model.mtp):
       raise ValueError("--mtp needs a model with an MTP module (num_nextn_predict_layers ≥ 1); "
                        "this checkpoint has none")
     if expert_gemv is not None or jax.devices()[0].platform == "gpu":
       model.use_expert_gemv(expert_gemv)
+    if dense_gemv is not None or jax.devices()[0].platform == "gpu":
+      model.use_dense_gemv(dense_gemv)
     if unstack:
       model.unstack_layers()
     self.cfg = model.cfg

@@ -18,6 +18,8 @@ from flax import nnx
 from dsv3_jax.config import ModelConfig, yarn_mscale
 from pallas_kernels.fp8_ops import Fp8Backend, fp8_linear
 from pallas_kernels.fp8_train_ops import fp8_train_linear
+from pallas_kernels.gemv import MAX_ROWS as GEMV_MAX_ROWS
+from pallas_kernels.gemv import gemv
 from pallas_kernels.weight_dequant import weight_quant_reference
 
 FP8_BLOCK = 128
@@ -113,7 +115,14 @@ class Linear(nnx.Module):
   Pallas GEMM. A high-precision weight with a `training` backend runs the FP8 training recipe
   (pallas_kernels.fp8_train_ops: the weight and activations quantized online, forward and
   backward).
+
+  `gemv` (Transformer.use_dense_gemv; GPU decoding): at most 16 rows run through the GEMV kernel
+  (pallas_kernels.gemv; e4m3 weights with the activation quantized inside it, as fp8_linear
+  does). Inside a scanned stack (`scan_layers`) the weight's value is then a `LayerOfStack` and
+  the kernel reads that layer of the whole stack in place.
   """
+
+  gemv: bool = False
 
   def __init__(self, in_features: int, out_features: int, *, axes: tuple[str, str],
                rngs: nnx.Rngs, std: float = 0.006, param_dtype=jnp.float32, fp8: bool = False,
@@ -137,6 +146,8 @@ class Linear(nnx.Module):
 
   def __call__(self, x: jax.Array, out_dtype=None) -> jax.Array:
     """x: [..., in] → [..., out] in out_dtype (default x.dtype), float32 accumulation."""
+    if self.takes_gemv(math.prod(x.shape[:-1]), x.dtype):
+      return self._gemv(x, out_dtype or x.dtype)
     if self.fp8_backend.training and self.weight_scale_inv is None:
       return fp8_train_linear(x, self.weight[...], backend=self.fp8_backend).astype(
           out_dtype or x.dtype)
@@ -150,6 +161,33 @@ class Linear(nnx.Module):
     y = lowp_product(lambda a, b, t: jnp.einsum("...k,nk->...n", a, b, preferred_element_type=t),
                      x, w)
     return y.astype(out_dtype or x.dtype)
+
+
+  def takes_gemv(self, rows: int, x_dtype) -> bool:
+    """`gemv` on, K whole 128-wide slabs, and either an e4m3 weight with ≤ 16 rows, or a weight
+    of x's 16-bit dtype (what the XLA path computes in, so the numerics stay) with 2–16 rows:
+    for one row XLA's fused dot-as-reduction read bf16 weights faster (H100: 5.7 against
+    7.5 µs for V2-Lite's q_proj; docs/benchmarks.md, decode round 4)."""
+    if not (self.gemv and rows <= GEMV_MAX_ROWS and self.in_features % FP8_BLOCK == 0):
+      return False
+    w = self.weight.get_value()
+    dtype = getattr(w, "stack", w).dtype          # moe.LayerOfStack holds the whole stack
+    if self.weight_scale_inv is not None:
+      return dtype == jnp.float8_e4m3fn
+    return rows >= 2 and dtype == x_dtype and dtype in (jnp.bfloat16, jnp.float16)
+
+  def _gemv(self, x: jax.Array, out_dtype) -> jax.Array:
+    w = self.weight.get_value()
+    scale = None if self.weight_scale_inv is None else self.weight_scale_inv.get_value()
+    index = None
+    if hasattr(w, "stack"):                       # moe.LayerOfStack: read layer `index` in place
+      w, index = w.stack, w.index
+      scale = None if scale is None else scale.stack
+    *lead, k = x.shape
+    y = gemv(x.reshape(-1, k), w, scale, index, out_dtype=out_dtype,
+             scale_fmt=self.fp8_backend.scale_fmt,
+             interpret=jax.devices()[0].platform != "gpu")
+    return y.reshape(*lead, self.out_features)
 
 
 def quantize_blocks(w: jax.Array) -> tuple[jax.Array, jax.Array]:

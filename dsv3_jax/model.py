@@ -19,7 +19,7 @@ from flax import nnx
 
 from dsv3_jax.cache import Cache, LayerCache
 from dsv3_jax.config import ModelConfig
-from dsv3_jax.layers import Embed, Linear, RMSNorm
+from dsv3_jax.layers import GEMV_MAX_ROWS, Embed, Linear, RMSNorm
 from dsv3_jax.mla import MLA, AttnMode
 from dsv3_jax.moe import GEMV_WEIGHTS, MLP, LayerOfStack, MoE
 from pallas_kernels.fp8_ops import Fp8Backend, resolve_backend
@@ -99,11 +99,10 @@ def scan_layers(layers: nnx.Module | nnx.List, x, positions, cache: LayerCache |
                             prevent_cse=False)
     return body
 
-  experts = getattr(getattr(layers, "mlp", None), "experts", None)
-  gemv = (experts is not None and remat is None and not isinstance(layers, nnx.List)
-          and experts.takes_gemv(x.shape[0] * x.shape[1], layers.mlp.gate.cfg.num_experts_per_tok))
-  if gemv:
-    (x, cache), stats = _scan_with_whole_experts(layers, x, cache, make_body)
+  whole = (set() if remat is not None or isinstance(layers, nnx.List)
+           else _whole_in_place(layers, x.shape[0] * x.shape[1], x.dtype))
+  if whole:
+    (x, cache), stats = _scan_with_whole(layers, x, cache, make_body, whole)
   elif isinstance(layers, nnx.List):
     carry, stats = (x, cache), []
     for i, layer in enumerate(layers):
@@ -119,14 +118,29 @@ def scan_layers(layers: nnx.Module | nnx.List, x, positions, cache: LayerCache |
   return ((x, cache, stats) if with_aux else (x, cache))
 
 
-def _scan_with_whole_experts(layers, x, cache, make_body):
-  """lax.scan over the stack, except that the routed experts' weights stay whole (constants of
-  the loop) and each layer sees them as LayerOfStack(stack, i): the GEMV kernel then reads the
-  chosen experts of layer i in place."""
+def _whole_in_place(layers: nnx.Module, rows: int, dtype) -> set[tuple]:
+  """Paths (in the stacked state) of the parameters that this call's kernels read in place
+  from the whole stack: the routed experts' weights when `Experts.takes_gemv`, and the weights
+  of every `Linear` that `takes_gemv` for these rows of activations in `dtype`."""
+  whole = set()
+  experts = getattr(getattr(layers, "mlp", None), "experts", None)
+  if experts is not None and experts.takes_gemv(rows, layers.mlp.gate.cfg.num_experts_per_tok):
+    whole |= {("mlp", "experts", name) for name in GEMV_WEIGHTS}
+  if rows <= GEMV_MAX_ROWS:
+    for path, node in nnx.iter_graph(layers):
+      if isinstance(node, Linear) and node.takes_gemv(rows, dtype):
+        whole |= {(*path, "weight"), (*path, "weight_scale_inv")}
+  return whole
+
+
+def _scan_with_whole(layers, x, cache, make_body, whole: set[tuple]):
+  """lax.scan over the stack, except that the parameters at the paths `whole` stay whole
+  (constants of the loop) and each layer sees them as LayerOfStack(stack, i): the GEMV kernels
+  then read layer i in place (XLA would copy a slice of the stack before a kernel reads it)."""
   graphdef, state = nnx.split(layers)
   flat = list(nnx.to_flat_state(state))
-  is_whole = lambda path: path[:2] == ("mlp", "experts") and path[-1] in GEMV_WEIGHTS
-  whole = [(p, v) for p, v in flat if is_whole(p)]
+  is_whole = lambda path: tuple(path) in whole
+  kept = [(p, v) for p, v in flat if is_whole(p)]
   sliced = nnx.from_flat_state([(p, v) for p, v in flat if not is_whole(p)])
   n = jax.tree.leaves(state)[0].shape[0]
   inner = make_body(graphdef)
@@ -134,7 +148,7 @@ def _scan_with_whole_experts(layers, x, cache, make_body):
   def body(carry, inputs):
     part, i = inputs
     items = list(nnx.to_flat_state(part)) + [
-        (p, v.replace(value=LayerOfStack(v.get_value(), i))) for p, v in whole]
+        (p, v.replace(value=LayerOfStack(v.get_value(), i))) for p, v in kept]
     return inner(carry, (nnx.from_flat_state(items), i))
 
   return jax.lax.scan(body, (x, cache), (sliced, jnp.arange(n)))
@@ -264,6 +278,18 @@ class Transformer(nnx.Module):
     for layer in layers + [m.block for m in self.mtp]:
       if layer is not None and isinstance(layer.mlp, MoE):
         layer.mlp.experts.gemv = on
+    return self
+
+  def use_dense_gemv(self, on: bool | None = None) -> "Transformer":
+    """Projections (`Linear`) of at most 16 rows (decoding) run through the GEMV kernel
+    (pallas_kernels.gemv; interpret mode off GPUs) instead of XLA's dot or the FP8 GEMM; in a
+    scanned stack it reads each layer's weight in place. Covers attention, shared and dense
+    MLPs, MTP's eh_proj and the output head. Default: on GPUs. For inference. Returns self."""
+    if on is None:
+      on = jax.devices()[0].platform == "gpu"
+    for _, node in nnx.iter_graph(self):
+      if isinstance(node, Linear):
+        node.gemv = on
     return self
 
   def unstack_layers(self, *, free: bool = True) -> "Transformer":
