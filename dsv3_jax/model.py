@@ -95,8 +95,10 @@ def scan_layers(layers: nnx.Module | nnx.List, x, positions, cache: LayerCache |
       return out[:2], (out[2] if with_aux else None)
 
     if remat is not None:
+      # Inside lax.scan nothing can merge the recomputation with the forward pass; unrolled
+      # (a list of layers), XLA's CSE would, and keep every activation alive (remat undone).
       body = jax.checkpoint(body, policy=getattr(jax.checkpoint_policies, remat),
-                            prevent_cse=False)
+                            prevent_cse=isinstance(layers, nnx.List))
     return body
 
   experts = getattr(getattr(layers, "mlp", None), "experts", None)
