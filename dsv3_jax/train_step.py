@@ -58,9 +58,20 @@ def lr_schedule(oc: OptimizerConfig) -> optax.Schedule:
       decay_steps=max(oc.total_steps, warmup + 1), end_value=oc.lr * oc.min_lr_ratio)
 
 
+def _is_matrix(var) -> bool:
+  """Whether a parameter is a matrix (or a stack of them), not counting a leading "layers" axis:
+  the RMSNorm weights of a scanned stack, [L, D], are vectors like those of an unstacked layer."""
+  if not isinstance(var, nnx.Variable):
+    return var.ndim >= 2
+  axes = var.get_metadata().get("out_sharding") or ()
+  return var.get_value().ndim - (axes[:1] == ("layers",)) >= 2
+
+
 def make_optimizer(oc: OptimizerConfig) -> optax.GradientTransformation:
   """Global-norm clipping, then AdamW; weight decay on matrices only (not norms)."""
-  decay_mask = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)
+  is_var = lambda x: isinstance(x, nnx.Variable)
+  decay_mask = lambda params: jax.tree.map(
+      lambda v: v.replace(_is_matrix(v)) if is_var(v) else _is_matrix(v), params, is_leaf=is_var)
   return optax.chain(
       optax.clip_by_global_norm(oc.clip_norm),
       optax.adamw(lr_schedule(oc), b1=oc.b1, b2=oc.b2, eps=oc.eps,

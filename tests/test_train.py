@@ -108,6 +108,30 @@ def test_loss_falls_on_tiny_config(tiny_trainer):
                              + last["balance_loss"], rtol=1e-6)
 
 
+def test_weight_decay_spares_norms_of_scanned_stacks():
+  """AdamW decays matrices only: RMSNorm weights are [L, D] in a scanned stack but vectors all
+  the same. With zero gradients the update is -lr·wd·p on decayed parameters, 0 elsewhere."""
+  from dsv3_jax.train_step import make_optimizer
+
+  oc = OptimizerConfig(lr=1e-2, warmup_steps=0, weight_decay=0.1)
+  _, state = init_train_state(_cfg(), oc, seed=0, dtype=jnp.float32)
+  opt = make_optimizer(oc)
+  zeros = jax.tree.map(jnp.zeros_like, state.params)
+  updates, _ = opt.update(zeros, opt.init(state.params), state.params)
+  seen = set()
+  for path, var in nnx.to_flat_state(updates):
+    p = np.asarray(_flat(state.params)[path])
+    is_norm = "norm" in path[-2]
+    seen.add((is_norm, p.ndim))
+    want = 0 * p if is_norm else -1e-3 * p
+    np.testing.assert_allclose(np.asarray(var.get_value()), want, rtol=1e-6, err_msg=str(path))
+  assert {(True, 1), (True, 2), (False, 2), (False, 3), (False, 4)} <= seen, seen
+
+
+def _flat(state: nnx.State) -> dict:
+  return {path: var.get_value() for path, var in nnx.to_flat_state(state)}
+
+
 _SHARD_CFG = dict(n_routed_experts=8, n_group=4, topk_group=2)
 _SHARD_OC = OptimizerConfig(lr=3e-3, warmup_steps=1, total_steps=10)
 
