@@ -109,15 +109,24 @@ def split_model(model: Transformer) -> tuple[nnx.GraphDef, nnx.State, nnx.State]
 
 
 def init_train_state(cfg: ModelConfig, oc: OptimizerConfig, *, seed: int = 0,
-                     mesh: Mesh | None = None, rules=TRAIN_RULES, **model_kw):
+                     mesh: Mesh | None = None, rules=TRAIN_RULES, unstack_layers: bool = False,
+                     **model_kw):
   """A fresh TrainState, created directly in its sharded layout when a mesh is given.
 
   Args:
+    unstack_layers: give every decoder layer arrays of its own (`Transformer.unstack_layers`):
+      the step then runs the layers unrolled instead of under lax.scan (no per-layer slicing
+      of the stacks, no stacking of residuals and weight gradients; compile time grows with
+      depth). Parameter paths gain the layer index: ("moe_layers", i, ...) for
+      ("moe_layers", ...)[i]; values and the step's results are the same.
     model_kw: Transformer arguments (dtype, expert_dispatch, remat); parameters are float32.
   Returns:
     (graphdef, TrainState).
   """
-  make = lambda: Transformer(cfg, rngs=nnx.Rngs(seed), param_dtype=jnp.float32, **model_kw)
+  def make():
+    model = Transformer(cfg, rngs=nnx.Rngs(seed), param_dtype=jnp.float32, **model_kw)
+    return model.unstack_layers(free=False) if unstack_layers else model
+
   graphdef, b_abs, p_abs = split_model(nnx.eval_shape(make))
   optimizer = make_optimizer(oc)
 
