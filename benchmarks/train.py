@@ -1,27 +1,33 @@
 """Training throughput (tokens/s) and MFU of the full train step (forward, backward, AdamW,
 bias update) for a ~1B-parameter DeepSeek-style config, over random tokens.
 
-A variant is `dispatch/attention[/remat[/bBATCH]]`:
+A variant is `dispatch/attention[/remat][/bBATCH][/unstacked]`:
   dispatch   capacity: expert buckets of ceil(1.25·M·K/E) rows (ExpertParallel, one batched
              matmul); dropless: the model's sorted dispatch into moe.grouped_matmul (on Hopper
              the Mosaic grouped matmul of pallas_kernels.ragged_dot_hopper, else ragged_dot)
   attention  cudnn (jax.nn.dot_product_attention, fused) or einsum (mla.py's own form)
-  remat      per scanned layer: full (nothing_saveable), dots (dots_with_no_batch_dims_saveable),
+  remat      per layer: full (nothing_saveable), dots (dots_with_no_batch_dims_saveable),
              none, or any jax.checkpoint_policies name; default --remat
   bBATCH     sequences per step (default --batch)
+  unstacked  every decoder layer with arrays of its own (Transformer.unstack_layers), run
+             unrolled instead of under lax.scan: no slicing of stacked weights and no stacking
+             of residuals and weight gradients into [L] buffers; longer compile. Default:
+             scanned. The record's `unstacked_layers` says which.
 MFU = tokens/s × FLOPs/token (dsv3_jax.flops: 6·active matmul params + causal attention) / peak;
 rematerialised work is not counted.
 
   python benchmarks/train.py [--config configs/bench_1b.json] [--batch 8] [--seq-len 2048] \\
-      [--variants capacity/cudnn/full,dropless/cudnn/none/b16] [--json out.jsonl]
+      [--variants capacity/cudnn/full,dropless/cudnn/dots/b16/unstacked] [--json out.jsonl]
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gc
 import json
 import os
+import re
 import sys
 import time
 import traceback
@@ -41,21 +47,37 @@ from dsv3_jax.train_step import (OptimizerConfig, init_train_state, make_train_s
 REMAT = {"full": "nothing_saveable", "dots": "dots_with_no_batch_dims_saveable", "none": None}
 
 
-def parse_variant(name: str, args) -> tuple[str, str, str | None, int]:
-  """`dispatch/attention[/remat[/bBATCH]]` → (dispatch, attention, remat policy, batch)."""
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Variant:
+  dispatch: str          # capacity | dropless
+  attention: str         # cudnn | einsum
+  remat: str | None      # a jax.checkpoint_policies name, or None
+  batch: int
+  unstacked: bool
+
+
+def parse_variant(name: str, args) -> Variant:
+  """`dispatch/attention[/remat][/bBATCH][/unstacked]`, options after the first two in any
+  order; remat and batch default to --remat and --batch."""
+  usage = "expected capacity|dropless/cudnn|einsum[/remat][/bN][/unstacked]"
   parts = name.split("/")
-  if len(parts) < 2 or len(parts) > 4 or parts[0] not in ("capacity", "dropless") or (
+  if len(parts) < 2 or parts[0] not in ("capacity", "dropless") or (
       parts[1] not in ("cudnn", "einsum")):
-    raise ValueError(f"variant {name!r}: expected capacity|dropless/cudnn|einsum[/remat[/bN]]")
-  remat = parts[2] if len(parts) > 2 else args.remat
-  remat = REMAT.get(remat, remat)
-  batch = int(parts[3].removeprefix("b")) if len(parts) > 3 else args.batch
-  return parts[0], parts[1], remat, batch
+    raise ValueError(f"variant {name!r}: {usage}")
+  remat, batch, unstacked = [], [], []
+  for part in parts[2:]:
+    (unstacked if part == "unstacked" else batch if re.fullmatch(r"b\d+", part)
+     else remat).append(part)
+  if len(remat) > 1 or len(batch) > 1 or len(unstacked) > 1:
+    raise ValueError(f"variant {name!r}: an option is given twice; {usage}")
+  remat = remat[0] if remat else args.remat
+  return Variant(dispatch=parts[0], attention=parts[1], remat=REMAT.get(remat, remat),
+                 batch=int(batch[0][1:]) if batch else args.batch, unstacked=bool(unstacked))
 
 
 def time_train_step(cfg, mesh, *, batch: int, seq_len: int, steps: int, warmup: int,
                     **model_kw):
-  """Builds the train state and step (model_kw: init_train_state's Transformer arguments),
+  """Builds the train state and step (model_kw: init_train_state's keyword arguments),
   runs it on 4 rotating random batches: (step, state, batches, last metrics, compile + first
   step seconds, seconds per timed step)."""
   oc = OptimizerConfig(lr=1e-4, warmup_steps=10, total_steps=1000)
@@ -79,12 +101,14 @@ def time_train_step(cfg, mesh, *, batch: int, seq_len: int, steps: int, warmup: 
 
 
 def run_variant(cfg, name: str, args, mesh) -> dict:
-  dispatch_kind, attn, remat, batch = parse_variant(name, args)
+  v = parse_variant(name, args)
+  batch = v.batch
   dispatch = (ExpertParallel(mesh, capacity_factor=args.capacity_factor)
-              if dispatch_kind == "capacity" else None)
+              if v.dispatch == "capacity" else None)
   step, state, batches, m, compile_s, dt = time_train_step(
       cfg, mesh, batch=batch, seq_len=args.seq_len, steps=args.steps, warmup=args.warmup,
-      expert_dispatch=dispatch, remat=remat, attn_impl=None if attn == "einsum" else attn)
+      expert_dispatch=dispatch, remat=v.remat, unstack_layers=v.unstacked,
+      attn_impl=None if v.attention == "einsum" else v.attention)
   trace = None
   if args.profile:  # two more steps under the profiler, summarized by benchmarks/trace_summary.py
     from benchmarks.trace_summary import find_trace
@@ -100,7 +124,8 @@ def run_variant(cfg, name: str, args, mesh) -> dict:
   flops = train_flops_per_token(cfg, args.seq_len) * tokens / dt
   peak = peak_flops(jax.devices()[0].device_kind)
   mem = (jax.devices()[0].memory_stats() or {}).get("peak_bytes_in_use")
-  return {"variant": name, "remat": remat, "batch": batch, "step_ms": dt * 1e3,
+  return {"variant": name, "remat": v.remat, "batch": batch, "unstacked_layers": v.unstacked,
+          "step_ms": dt * 1e3,
           "tokens_per_s": tokens / dt,
           "tflops_per_s": flops / 1e12, "mfu": flops / (peak * mesh.size) if peak else None,
           "loss": float(m["loss"]), "load_imbalance": float(m["load_imbalance"]),
@@ -109,13 +134,17 @@ def run_variant(cfg, name: str, args, mesh) -> dict:
 
 
 def main():
-  ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  ap = argparse.ArgumentParser(description=__doc__,
+                               formatter_class=argparse.RawDescriptionHelpFormatter)
   ap.add_argument("--config", default="configs/bench_1b.json")
   ap.add_argument("--batch", type=int, default=8)
   ap.add_argument("--seq-len", type=int, default=2048)
   ap.add_argument("--steps", type=int, default=10, help="timed steps")
   ap.add_argument("--warmup", type=int, default=2, help="untimed steps after compiling")
-  ap.add_argument("--variants", default="capacity/cudnn,dropless/cudnn,capacity/einsum")
+  ap.add_argument("--variants", default="capacity/cudnn,dropless/cudnn,capacity/einsum",
+                  help="comma-separated dispatch/attention[/remat][/bBATCH][/unstacked], e.g. "
+                  "dropless/cudnn/dots/b16,dropless/cudnn/dots/b16/unstacked (unstacked: "
+                  "layers with arrays of their own, unrolled instead of scanned; see above)")
   ap.add_argument("--capacity-factor", type=float, default=1.25)
   ap.add_argument("--remat", help="default remat of the variants: full, dots, none or a "
                   "jax.checkpoint_policies name (default: none)")
@@ -151,6 +180,7 @@ def main():
       print(f"{name}: FAILED {rec['error']}", flush=True)
       traceback.print_exc(limit=3)
     rec.setdefault("batch", args.batch)
+    rec.setdefault("unstacked_layers", "unstacked" in name.split("/")[2:])
     rec.update(device=dev.device_kind, devices=jax.device_count(), seq_len=args.seq_len,
                config=args.config)
     if args.json:

@@ -69,9 +69,14 @@ def bias_delta(load: jax.Array, gamma: float) -> jax.Array:
 
 
 def _stats_for(aux: dict, path: tuple) -> RoutingStats | None:
-  """The RoutingStats of the MoE router whose bias lives at `path` in the model state."""
+  """The RoutingStats of the MoE router whose bias lives at `path` in the model state: all
+  [L] layers for the stacked bias ("moe_layers", "mlp", ...), layer i for the bias of an
+  unstacked layer ("moe_layers", i, "mlp", ...; `Transformer.unstack_layers`)."""
   if path[0] == "moe_layers":
-    return aux.get("moe_layers")
+    stats = aux.get("moe_layers")
+    if stats is not None and isinstance(path[1], int):
+      return jax.tree.map(lambda a: a[path[1]], stats)
+    return stats
   if path[0] == "mtp":
     stats = aux.get("mtp", ())
     return stats[path[1]] if path[1] < len(stats) else None
@@ -81,13 +86,17 @@ def _stats_for(aux: dict, path: tuple) -> RoutingStats | None:
 def update_biases(biases: nnx.State, aux: dict, gamma: float) -> nnx.State:
   """Aux-loss-free balancing step: every `e_score_correction_bias` moves by bias_delta of its
   layer's load. `biases` holds only the correction biases ([L, E] for the stacked MoE layers,
-  [E] per MTP module); `aux` is the model's aux output for the step."""
+  [E] per unstacked layer and per MTP module); `aux` is the model's aux output for the step."""
   flat = []
   for path, var in nnx.to_flat_state(biases):
+    name = "/".join(map(str, path))
     stats = _stats_for(aux, path)
     if stats is None:
-      raise ValueError(f"no routing statistics for the correction bias at {'/'.join(map(str, path))}")
+      raise ValueError(f"no routing statistics for the correction bias at {name}")
     value = var.get_value()
+    if stats.load.shape != value.shape:  # a silent broadcast would change the bias's shape
+      raise ValueError(f"the correction bias at {name} has shape {value.shape}, its layers' "
+                       f"expert load {stats.load.shape}")
     flat.append((path, var.replace(value + bias_delta(stats.load, gamma).astype(value.dtype))))
   return nnx.from_flat_state(flat)
 

@@ -5,7 +5,9 @@ one module whose parameters carry a leading [L] axis (built with nnx.vmap), appl
 jax.lax.scan, so compile time does not grow with depth. For decoding on GPUs,
 `Transformer.unstack_layers` turns the stacks into lists of layers with arrays of their own,
 applied one after another: Pallas kernels then read their weights in place, where a slice of
-the scanned stack would be copied first.
+the scanned stack would be copied first. Training can use them too
+(`train_step.init_train_state(unstack_layers=True)`): no stacking of residuals and weight
+gradients into [L] buffers in the backward pass.
 """
 
 from __future__ import annotations
@@ -95,8 +97,10 @@ def scan_layers(layers: nnx.Module | nnx.List, x, positions, cache: LayerCache |
       return out[:2], (out[2] if with_aux else None)
 
     if remat is not None:
+      # Inside lax.scan nothing can merge the recomputation with the forward pass; unrolled
+      # (a list of layers), XLA's CSE would, and keep every activation alive (remat undone).
       body = jax.checkpoint(body, policy=getattr(jax.checkpoint_policies, remat),
-                            prevent_cse=False)
+                            prevent_cse=isinstance(layers, nnx.List))
     return body
 
   whole = (set() if remat is not None or isinstance(layers, nnx.List)

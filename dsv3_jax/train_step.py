@@ -13,6 +13,7 @@ load_i), outside the gradient. Parameters are float32 masters; the model compute
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any
 
 import jax
@@ -58,9 +59,20 @@ def lr_schedule(oc: OptimizerConfig) -> optax.Schedule:
       decay_steps=max(oc.total_steps, warmup + 1), end_value=oc.lr * oc.min_lr_ratio)
 
 
+def _is_matrix(var) -> bool:
+  """Whether a parameter is a matrix (or a stack of them), not counting a leading "layers" axis:
+  the RMSNorm weights of a scanned stack, [L, D], are vectors like those of an unstacked layer."""
+  if not isinstance(var, nnx.Variable):
+    return var.ndim >= 2
+  axes = var.get_metadata().get("out_sharding") or ()
+  return var.get_value().ndim - (axes[:1] == ("layers",)) >= 2
+
+
 def make_optimizer(oc: OptimizerConfig) -> optax.GradientTransformation:
   """Global-norm clipping, then AdamW; weight decay on matrices only (not norms)."""
-  decay_mask = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)
+  is_var = lambda x: isinstance(x, nnx.Variable)
+  decay_mask = lambda params: jax.tree.map(
+      lambda v: v.replace(_is_matrix(v)) if is_var(v) else _is_matrix(v), params, is_leaf=is_var)
   return optax.chain(
       optax.clip_by_global_norm(oc.clip_norm),
       optax.adamw(lr_schedule(oc), b1=oc.b1, b2=oc.b2, eps=oc.eps,
@@ -98,15 +110,24 @@ def split_model(model: Transformer) -> tuple[nnx.GraphDef, nnx.State, nnx.State]
 
 
 def init_train_state(cfg: ModelConfig, oc: OptimizerConfig, *, seed: int = 0,
-                     mesh: Mesh | None = None, rules=TRAIN_RULES, **model_kw):
+                     mesh: Mesh | None = None, rules=TRAIN_RULES, unstack_layers: bool = False,
+                     **model_kw):
   """A fresh TrainState, created directly in its sharded layout when a mesh is given.
 
   Args:
+    unstack_layers: give every decoder layer arrays of its own (`Transformer.unstack_layers`):
+      the step then runs the layers unrolled instead of under lax.scan (no per-layer slicing
+      of the stacks, no stacking of residuals and weight gradients; compile time grows with
+      depth). Parameter paths gain the layer index: ("moe_layers", i, ...) for
+      ("moe_layers", ...)[i]; values and the step's results are the same.
     model_kw: Transformer arguments (dtype, expert_dispatch, remat); parameters are float32.
   Returns:
     (graphdef, TrainState).
   """
-  make = lambda: Transformer(cfg, rngs=nnx.Rngs(seed), param_dtype=jnp.float32, **model_kw)
+  def make():
+    model = Transformer(cfg, rngs=nnx.Rngs(seed), param_dtype=jnp.float32, **model_kw)
+    return model.unstack_layers(free=False) if unstack_layers else model
+
   graphdef, b_abs, p_abs = split_model(nnx.eval_shape(make))
   optimizer = make_optimizer(oc)
 
@@ -133,9 +154,33 @@ def state_shardings(state: TrainState):
   return jax.tree.map(lambda x: x.sharding, state)
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _label_logits(logits: jax.Array, labels: jax.Array, vocab: int) -> jax.Array:
+  """logits[..., labels]: [..., V], [...] → [...]. Its backward is g·[v = label], which fuses
+  into the softmax gradient; autodiff of the gather would scatter g into a zero [B, T, V] float32
+  buffer (a fill and a re-read of the largest tensor of the step, per head). Same values."""
+  del vocab
+  return jnp.take_along_axis(logits, labels[..., None], axis=-1)[..., 0]
+
+
+def _label_logits_fwd(logits, labels, vocab):
+  return _label_logits(logits, labels, vocab), labels
+
+
+def _label_logits_bwd(vocab, labels, g):
+  hit = jax.lax.broadcasted_iota(labels.dtype, (*labels.shape, vocab), labels.ndim) == (
+      labels[..., None])
+  return jnp.where(hit, g[..., None], jnp.zeros((), g.dtype)), None
+
+
+_label_logits.defvjp(_label_logits_fwd, _label_logits_bwd)
+
+
 def cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
-  """Mean next-token CE. logits: [B, T, V] float32; targets: [B, T] int."""
-  return optax.softmax_cross_entropy_with_integer_labels(logits, targets).mean()
+  """Mean next-token CE (optax.softmax_cross_entropy_with_integer_labels' arithmetic).
+  logits: [B, T, V] float32; targets: [B, T] int."""
+  ce = jax.nn.logsumexp(logits, axis=-1) - _label_logits(logits, targets, logits.shape[-1])
+  return ce.mean()
 
 
 def loss_fn(params, biases, graphdef, tokens, obj: Objective):

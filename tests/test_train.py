@@ -47,6 +47,25 @@ def test_balance_loss_hand_computed():
   np.testing.assert_allclose(np.asarray(g[0, 0]), want, rtol=1e-5)
 
 
+def test_cross_entropy_equals_optax_without_a_scatter():
+  """The same value and gradient as optax's integer-label CE (bit for bit: the same arithmetic),
+  with the label pick's backward a one-hot select instead of a scatter into [B, T, V] zeros."""
+  import optax
+  from dsv3_jax.train_step import cross_entropy
+
+  logits = 3 * jax.random.normal(jax.random.key(0), (3, 17, 301))
+  targets = jax.random.randint(jax.random.key(1), (3, 17), 0, 301)
+  want_fn = lambda lg: optax.softmax_cross_entropy_with_integer_labels(lg, targets).mean()
+  got_fn = lambda lg: cross_entropy(lg, targets)
+  for wrap in (lambda f: f, jax.jit):
+    got, g_got = wrap(jax.value_and_grad(got_fn))(logits)
+    want, g_want = wrap(jax.value_and_grad(want_fn))(logits)
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+    np.testing.assert_array_equal(np.asarray(g_got), np.asarray(g_want))
+  hlo = lambda f: jax.jit(jax.grad(f)).lower(logits).as_text()
+  assert "scatter" in hlo(want_fn) and "scatter" not in hlo(got_fn)
+
+
 @pytest.fixture(scope="module")
 def tiny_trainer():
   """The tiny config's initial state and one compiled (non-donating) step, shared."""
@@ -81,6 +100,10 @@ def test_bias_update_direction(tiny_trainer):
                              atol=1e-7)
   with pytest.raises(ValueError, match="no routing statistics"):
     update_biases(state.biases, {"moe_layers": None, "mtp": ()}, 0.01)
+  # statistics of the wrong number of layers would broadcast into a bias of another shape
+  wrong = jax.tree.map(lambda a: a[:1], aux["moe_layers"])
+  with pytest.raises(ValueError, match=r"shape \(2, 8\), its layers' expert load \(1, 8\)"):
+    update_biases(state.biases, {"moe_layers": wrong, "mtp": aux["mtp"]}, 0.01)
 
 
 def _pattern_batch(step, batch, seq, vocab):
@@ -108,6 +131,84 @@ def test_loss_falls_on_tiny_config(tiny_trainer):
                              + last["balance_loss"], rtol=1e-6)
 
 
+def test_weight_decay_spares_norms_of_scanned_stacks():
+  """AdamW decays matrices only: RMSNorm weights are [L, D] in a scanned stack but vectors all
+  the same. With zero gradients the update is -lr·wd·p on decayed parameters, 0 elsewhere."""
+  from dsv3_jax.train_step import make_optimizer
+
+  oc = OptimizerConfig(lr=1e-2, warmup_steps=0, weight_decay=0.1)
+  _, state = init_train_state(_cfg(), oc, seed=0, dtype=jnp.float32)
+  opt = make_optimizer(oc)
+  zeros = jax.tree.map(jnp.zeros_like, state.params)
+  updates, _ = opt.update(zeros, opt.init(state.params), state.params)
+  seen = set()
+  for path, var in nnx.to_flat_state(updates):
+    p = np.asarray(_flat(state.params)[path])
+    is_norm = "norm" in path[-2]
+    seen.add((is_norm, p.ndim))
+    want = 0 * p if is_norm else -1e-3 * p
+    np.testing.assert_allclose(np.asarray(var.get_value()), want, rtol=1e-6, err_msg=str(path))
+  assert {(True, 1), (True, 2), (False, 2), (False, 3), (False, 4)} <= seen, seen
+
+
+def _flat(state: nnx.State) -> dict:
+  return {path: var.get_value() for path, var in nnx.to_flat_state(state)}
+
+
+def _restacked(state: nnx.State) -> dict:
+  """{path: array} of a state, with the layers of `unstack_layers` stacked back under the
+  scanned paths: ("moe_layers", i, *rest) → index i of ("moe_layers", *rest)."""
+  out, layers = {}, {}
+  for path, var in nnx.to_flat_state(state):
+    value = np.asarray(var.get_value())
+    if path[0] in ("dense_layers", "moe_layers") and isinstance(path[1], int):
+      layers.setdefault((path[0], *path[2:]), {})[path[1]] = value
+    else:
+      out[path] = value
+  for path, by_index in layers.items():
+    assert sorted(by_index) == list(range(len(by_index))), (path, sorted(by_index))
+    out[path] = np.stack([by_index[i] for i in range(len(by_index))])
+  return out
+
+
+def test_unstacked_layers_step_equals_scanned():
+  """One optimizer step of the model with unstacked layers (unrolled, remat per layer) from the
+  same init as the scanned model: the same loss and the same updated parameters and biases.
+
+  Tolerance: both run the same float32 operations per layer; only XLA's fusion and reduction
+  order may differ (the global gradient norm sums per-layer leaves instead of [L] stacks), i.e.
+  a few ulp of the gradients (relative δ ≈ 1e-7). Adam's first update lr·g/(|g| + ε) moves by
+  at most lr·δ/4 for a relative error δ of g, so parameters (|p| ≲ 1) agree to ~1e-7; atol 1e-6
+  is ten times that, and 100× below lr·weight_decay·|p| for norm weights, which the scanned
+  model once decayed as [L, D] "matrices" (a real difference this test caught)."""
+  cfg = _cfg()
+  oc = OptimizerConfig(lr=1e-2, warmup_steps=0, total_steps=10)  # lr > 0 in the first step
+  tokens = jax.random.randint(jax.random.key(7), (4, 17), 0, cfg.vocab_size)
+  results = []
+  for kw in ({}, dict(unstack_layers=True, remat="dots_with_no_batch_dims_saveable")):
+    graphdef, state = init_train_state(cfg, oc, seed=1, dtype=jnp.float32, **kw)
+    new, m = make_train_step(graphdef, oc, Objective(bias_gamma=0.01), donate=False)(state,
+                                                                                     tokens)
+    results.append((state, new, m))
+  (s0, s1, m), (u0, u1, mu) = results
+  assert isinstance(u0.params["moe_layers"], nnx.State) and 0 in u0.params["moe_layers"]
+  assert u0.params["moe_layers"][1]["mlp"]["experts"]["gate_proj"][...].shape == (
+      cfg.n_routed_experts, cfg.moe_intermediate_size, cfg.hidden_size)
+  for k in ("loss", "ce", "mtp_ce", "balance_loss", "grad_norm", "load_imbalance"):
+    np.testing.assert_allclose(float(mu[k]), float(m[k]), rtol=1e-6, err_msg=k)
+  before, want, got = _restacked(s0.params), _restacked(s1.params), _restacked(u1.params)
+  assert sorted(got) == sorted(want)
+  for path in want:
+    np.testing.assert_array_equal(_restacked(u0.params)[path], before[path], err_msg=str(path))
+    assert np.abs(want[path] - before[path]).max() > 1e-3, path  # every parameter moved
+    np.testing.assert_allclose(got[path], want[path], rtol=0, atol=1e-6, err_msg=str(path))
+  b_want, b_got = _restacked(s1.biases), _restacked(u1.biases)
+  assert sorted(b_got) == sorted(b_want)
+  for path in b_want:
+    assert np.abs(b_want[path]).max() > 0, path
+    np.testing.assert_array_equal(b_got[path], b_want[path], err_msg=str(path))
+
+
 _SHARD_CFG = dict(n_routed_experts=8, n_group=4, topk_group=2)
 _SHARD_OC = OptimizerConfig(lr=3e-3, warmup_steps=1, total_steps=10)
 
@@ -126,31 +227,35 @@ def single_device_run():
   return tokens, out
 
 
-@pytest.mark.parametrize("mesh_shape,capacity", [
-    (dict(data=2, expert=4), None),
-    (dict(fsdp=2, tensor=2, expert=2), 100.0),  # capacity so large that nothing is dropped
+@pytest.mark.parametrize("mesh_shape,capacity,unstack", [
+    (dict(data=2, expert=4), None, False),
+    (dict(fsdp=2, tensor=2, expert=2), 100.0, False),  # so large that nothing is dropped
+    (dict(fsdp=2, tensor=2, expert=2), None, True),  # per-layer arrays, remat per layer
 ])
-def test_sharded_step_equals_single_device(single_device_run, mesh_shape, capacity):
+def test_sharded_step_equals_single_device(single_device_run, mesh_shape, capacity, unstack):
   cfg, oc = _cfg(**_SHARD_CFG), _SHARD_OC
   tokens, reference = single_device_run
   mesh = make_mesh(**mesh_shape)
   ep = ExpertParallel(mesh, capacity_factor=capacity)
+  kw = dict(unstack_layers=True, remat="nothing_saveable") if unstack else {}
   graphdef2, state2 = init_train_state(cfg, oc, seed=3, mesh=mesh, dtype=jnp.float32,
-                                       expert_dispatch=ep)
-  spec = state2.params["moe_layers"]["mlp"]["experts"]["gate_proj"][...].sharding.spec
-  assert spec[1] == "expert"
+                                       expert_dispatch=ep, **kw)
+  moe = state2.params["moe_layers"]
+  spec = (moe[0] if unstack else moe)["mlp"]["experts"]["gate_proj"][...].sharding.spec
+  assert spec[0 if unstack else 1] == "expert"  # no leading [L] axis on unstacked layers
   step2 = make_train_step(graphdef2, oc, shardings=state_shardings(state2))
   for t, (state, m) in zip(tokens, reference):
     state2, m2 = step2(state2, jax.device_put(t, batch_sharding(mesh)))
     for k in ("loss", "ce", "mtp_ce", "balance_loss", "grad_norm", "load_imbalance"):
       np.testing.assert_allclose(float(m2[k]), float(m[k]), rtol=2e-5, err_msg=k)
-  flat = dict(nnx.to_flat_state(state.params))
-  for path, var in nnx.to_flat_state(state2.params):
-    np.testing.assert_allclose(np.asarray(var.get_value()), np.asarray(flat[path].get_value()),
-                               rtol=1e-4, atol=2e-6, err_msg=str(path))
-  np.testing.assert_array_equal(
-      np.asarray(state2.biases["moe_layers"]["mlp"]["gate"]["e_score_correction_bias"][...]),
-      np.asarray(state.biases["moe_layers"]["mlp"]["gate"]["e_score_correction_bias"][...]))
+  want, got = _restacked(state.params), _restacked(state2.params)
+  assert sorted(got) == sorted(want)
+  for path in want:
+    np.testing.assert_allclose(got[path], want[path], rtol=1e-4, atol=2e-6, err_msg=str(path))
+  b_want, b_got = _restacked(state.biases), _restacked(state2.biases)
+  assert sorted(b_got) == sorted(b_want)
+  for path in b_want:
+    np.testing.assert_array_equal(b_got[path], b_want[path], err_msg=str(path))
 
 
 # ---- train.py in subprocesses ----------------------------------------------------------------
