@@ -32,7 +32,8 @@ import jax.numpy as jnp
 from jax.sharding import Mesh, PartitionSpec as P
 
 from dsv3_jax.layers import dequantize_blocks, lowp_product
-from dsv3_jax.moe import Experts, Routing, grouped_matmul, permute_rows, unpermute_rows
+from dsv3_jax.moe import (Experts, Routing, grouped_matmul, inverse_permutation, permute_rows,
+                          unpermute_rows)
 from pallas_kernels.fp8_ops import Fp8Backend
 from pallas_kernels.fp8_train_ops import fp8_train_batched
 
@@ -120,12 +121,13 @@ class _Body:
     flat = idx.reshape(-1)                                  # [m·K] expert of each pair
     order = jnp.argsort(flat, stable=True)                  # pairs sorted by expert
     sorted_e = flat[order]
-    xs = permute_rows(x, order, k)                          # [m·K, D] rows in expert order
+    inverse = inverse_permutation(order)
+    xs = permute_rows(x, order, k, inverse)                 # [m·K, D] rows in expert order
     if self.capacity_factor is None:
       ys = self._dropless(xs, sorted_e, weights)
     else:
       ys = self._bucketed(xs, sorted_e, weights)
-    y = unpermute_rows(ys, order).reshape(m, k, -1)         # back to (token, slot) order
+    y = unpermute_rows(ys, order, inverse).reshape(m, k, -1)  # back to (token, slot) order
     return jnp.einsum("mkd,mk->md", y.astype(jnp.float32), route_w).astype(x.dtype)
 
   def _a2a(self, buf):

@@ -91,17 +91,47 @@ class Router(nnx.Module):
     return Routing(weights * cfg.routed_scaling_factor, experts.astype(jnp.int32), scores)
 
 
-def permute_rows(x: jax.Array, order: jax.Array, k: int) -> jax.Array:
+def inverse_permutation(order: jax.Array) -> jax.Array:
+  """inv with inv[order[i]] = i. order: [N] int, a permutation of 0..N-1 → [N]."""
+  return jnp.zeros_like(order).at[order].set(jnp.arange(order.shape[0], dtype=order.dtype),
+                                             unique_indices=True)
+
+
+@jax.custom_vjp
+def _take_rows(x: jax.Array, idx: jax.Array, inv: jax.Array) -> jax.Array:
+  """x[idx] for a permutation idx of x's rows (inv: its inverse). Its transpose is the gather
+  g[inv], where autodiff would scatter g into zeros: a zero fill plus a scatter that no consumer
+  can fuse, against a gather that fuses into the next reduction. Exact (data movement only)."""
+  return x.at[idx].get(unique_indices=True)
+
+
+def _take_rows_fwd(x, idx, inv):
+  return _take_rows(x, idx, inv), (idx, inv)
+
+
+def _take_rows_bwd(res, g):
+  idx, inv = res
+  return g.at[inv].get(unique_indices=True), None, None
+
+
+_take_rows.defvjp(_take_rows_fwd, _take_rows_bwd)
+
+
+def permute_rows(x: jax.Array, order: jax.Array, k: int, inverse: jax.Array | None = None):
   """Rows of x, each repeated k times, in `order` (a permutation of M·K): x [M, D] → [M·K, D],
-  row i = x[order[i] // k]. Written as a gather with unique indices over the repeated rows, so
-  that its transpose (the backward pass) is a plain scatter, not an atomic scatter-add of k
-  duplicates per token (XLA:GPU's slowest pattern here)."""
-  return jnp.repeat(x, k, axis=0).at[order].get(unique_indices=True)
+  row i = x[order[i] // k]. A gather of unique rows of the repeated x, whose backward pass
+  gathers by the inverse permutation (`inverse`, computed if not given) and sums the k copies:
+  neither an atomic scatter-add of k duplicates per token (XLA:GPU's slowest pattern here) nor
+  a scatter into zeros."""
+  inverse = inverse_permutation(order) if inverse is None else inverse
+  return _take_rows(jnp.repeat(x, k, axis=0), order, inverse)
 
 
-def unpermute_rows(ys: jax.Array, order: jax.Array) -> jax.Array:
-  """The inverse of permute_rows' ordering: y[order[i]] = ys[i] (a scatter of unique rows)."""
-  return jnp.zeros_like(ys).at[order].set(ys, unique_indices=True)
+def unpermute_rows(ys: jax.Array, order: jax.Array, inverse: jax.Array | None = None):
+  """The inverse of permute_rows' ordering: y[order[i]] = ys[i], written as the gather
+  y = ys[inverse] (forward and backward both gathers; `inverse` computed if not given)."""
+  inverse = inverse_permutation(order) if inverse is None else inverse
+  return _take_rows(ys, inverse, order)
 
 
 def grouped_matmul(x: jax.Array, w: jax.Array, group_sizes: jax.Array,
@@ -214,14 +244,15 @@ class Experts(nnx.Module):
     flat = routing.experts.reshape(-1)                     # [M·K] expert of each (token, slot)
     order = jnp.argsort(flat, stable=True)                 # sort (token, slot) pairs by expert
     group_sizes = jnp.bincount(flat, length=self.num_experts).astype(jnp.int32)
-    xs = permute_rows(x, order, k)                         # [M·K, D] tokens in expert order
+    inverse = inverse_permutation(order)
+    xs = permute_rows(x, order, k, inverse)                # [M·K, D] tokens in expert order
     if fp8_training:
       ys = self._fp8_training(xs, group_sizes)
     else:
       h = jax.nn.silu(self._mm(xs, "gate_proj", group_sizes)) * self._mm(xs, "up_proj",
                                                                           group_sizes)
       ys = self._mm(h, "down_proj", group_sizes)           # [M·K, D]
-    y = unpermute_rows(ys, order).reshape(m, k, -1)        # back to (token, slot) order
+    y = unpermute_rows(ys, order, inverse).reshape(m, k, -1)  # back to (token, slot) order
     return jnp.einsum("mkd,mk->md", y.astype(jnp.float32), routing.weights).astype(x.dtype)
 
 

@@ -8,7 +8,8 @@ from flax import nnx
 
 from conftest import fixture_path
 from dsv3_jax import load_config
-from dsv3_jax.moe import MoE, Router, dense_moe_reference, grouped_matmul
+from dsv3_jax.moe import (MoE, Router, dense_moe_reference, grouped_matmul, inverse_permutation,
+                          permute_rows, unpermute_rows)
 
 
 def _router(**changes):
@@ -93,3 +94,37 @@ def test_grouped_matmul_with_empty_groups():
   owner = np.repeat(np.arange(5), sizes)
   want = np.einsum("mk,mnk->mn", x, w[owner])
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_token_permutations_are_gathers_equal_to_scatter_autodiff():
+  """permute_rows / unpermute_rows and their backward passes equal the plain-indexing versions
+  that autodiff transposes into scatters (bit for bit: data movement and the same k-term sums),
+  and only the int inverse permutation is still a scatter (of M·K ints, not M·K × D rows)."""
+  m, k, d = 37, 4, 16
+  ks = jax.random.split(jax.random.key(0), 4)
+  x = jax.random.normal(ks[0], (m, d))
+  order = jax.random.permutation(ks[1], m * k).astype(jnp.int32)
+  gy = jax.random.normal(ks[2], (m * k, d))
+  w = jax.random.normal(ks[3], (m * k, d))
+
+  def ours(x, w):  # as Experts does: one inverse for both
+    inverse = inverse_permutation(order)
+    xs = permute_rows(x, order, k, inverse)
+    return xs, unpermute_rows(xs * w, order, inverse)
+
+  def plain(x, w):
+    xs = jnp.repeat(x, k, axis=0)[order]
+    return xs, jnp.zeros_like(xs).at[order].set(xs * w)
+
+  (xs, y), pull = jax.vjp(ours, x, w)
+  (xs0, y0), pull0 = jax.vjp(plain, x, w)
+  np.testing.assert_array_equal(np.asarray(xs), np.asarray(xs0))
+  np.testing.assert_array_equal(np.asarray(y), np.asarray(y0))
+  np.testing.assert_array_equal(np.asarray(xs)[np.argsort(order)].reshape(m, k, d),
+                                np.repeat(np.asarray(x)[:, None], k, 1))
+  for got, want in zip(pull((gy, 2 * gy)), pull0((gy, 2 * gy))):
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+  scatters = lambda f: [e for e in jax.make_jaxpr(lambda x, w: jax.vjp(f, x, w)[1]((gy, gy)))(
+      x, w).jaxpr.eqns if e.primitive.name.startswith("scatter")]
+  assert [e.outvars[0].aval.shape for e in scatters(ours)] == [(m * k,)]
+  assert len(scatters(plain)) >= 2
