@@ -13,6 +13,7 @@ load_i), outside the gradient. Parameters are float32 masters; the model compute
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any
 
 import jax
@@ -153,9 +154,33 @@ def state_shardings(state: TrainState):
   return jax.tree.map(lambda x: x.sharding, state)
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _label_logits(logits: jax.Array, labels: jax.Array, vocab: int) -> jax.Array:
+  """logits[..., labels]: [..., V], [...] → [...]. Its backward is g·[v = label], which fuses
+  into the softmax gradient; autodiff of the gather would scatter g into a zero [B, T, V] float32
+  buffer (a fill and a re-read of the largest tensor of the step, per head). Same values."""
+  del vocab
+  return jnp.take_along_axis(logits, labels[..., None], axis=-1)[..., 0]
+
+
+def _label_logits_fwd(logits, labels, vocab):
+  return _label_logits(logits, labels, vocab), labels
+
+
+def _label_logits_bwd(vocab, labels, g):
+  hit = jax.lax.broadcasted_iota(labels.dtype, (*labels.shape, vocab), labels.ndim) == (
+      labels[..., None])
+  return jnp.where(hit, g[..., None], jnp.zeros((), g.dtype)), None
+
+
+_label_logits.defvjp(_label_logits_fwd, _label_logits_bwd)
+
+
 def cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
-  """Mean next-token CE. logits: [B, T, V] float32; targets: [B, T] int."""
-  return optax.softmax_cross_entropy_with_integer_labels(logits, targets).mean()
+  """Mean next-token CE (optax.softmax_cross_entropy_with_integer_labels' arithmetic).
+  logits: [B, T, V] float32; targets: [B, T] int."""
+  ce = jax.nn.logsumexp(logits, axis=-1) - _label_logits(logits, targets, logits.shape[-1])
+  return ce.mean()
 
 
 def loss_fn(params, biases, graphdef, tokens, obj: Objective):
