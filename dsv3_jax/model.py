@@ -21,7 +21,7 @@ from flax import nnx
 
 from dsv3_jax.cache import Cache, LayerCache
 from dsv3_jax.config import ModelConfig
-from dsv3_jax.layers import GEMV_MAX_ROWS, Embed, Linear, RMSNorm
+from dsv3_jax.layers import Embed, Linear, RMSNorm
 from dsv3_jax.mla import MLA, AttnMode
 from dsv3_jax.moe import GEMV_WEIGHTS, MLP, LayerOfStack, MoE
 from pallas_kernels.fp8_ops import Fp8Backend, resolve_backend
@@ -130,10 +130,9 @@ def _whole_in_place(layers: nnx.Module, rows: int, dtype) -> set[tuple]:
   experts = getattr(getattr(layers, "mlp", None), "experts", None)
   if experts is not None and experts.takes_gemv(rows, layers.mlp.gate.cfg.num_experts_per_tok):
     whole |= {("mlp", "experts", name) for name in GEMV_WEIGHTS}
-  if rows <= GEMV_MAX_ROWS:
-    for path, node in nnx.iter_graph(layers):
-      if isinstance(node, Linear) and node.takes_gemv(rows, dtype):
-        whole |= {(*path, "weight"), (*path, "weight_scale_inv")}
+  for path, node in nnx.iter_graph(layers):
+    if isinstance(node, Linear) and node.takes_gemv(rows, dtype):
+      whole |= {(*path, "weight"), (*path, "weight_scale_inv")}
   return whole
 
 

@@ -117,20 +117,18 @@ def _take_rows_bwd(res, g):
 _take_rows.defvjp(_take_rows_fwd, _take_rows_bwd)
 
 
-def permute_rows(x: jax.Array, order: jax.Array, k: int, inverse: jax.Array | None = None):
+def permute_rows(x: jax.Array, order: jax.Array, k: int, inverse: jax.Array) -> jax.Array:
   """Rows of x, each repeated k times, in `order` (a permutation of M·K): x [M, D] → [M·K, D],
   row i = x[order[i] // k]. A gather of unique rows of the repeated x, whose backward pass
-  gathers by the inverse permutation (`inverse`, computed if not given) and sums the k copies:
+  gathers by the inverse permutation (`inverse`, from inverse_permutation) and sums the k copies:
   neither an atomic scatter-add of k duplicates per token (XLA:GPU's slowest pattern here) nor
   a scatter into zeros."""
-  inverse = inverse_permutation(order) if inverse is None else inverse
   return _take_rows(jnp.repeat(x, k, axis=0), order, inverse)
 
 
-def unpermute_rows(ys: jax.Array, order: jax.Array, inverse: jax.Array | None = None):
+def unpermute_rows(ys: jax.Array, order: jax.Array, inverse: jax.Array) -> jax.Array:
   """The inverse of permute_rows' ordering: y[order[i]] = ys[i], written as the gather
-  y = ys[inverse] (forward and backward both gathers; `inverse` computed if not given)."""
-  inverse = inverse_permutation(order) if inverse is None else inverse
+  y = ys[inverse] (forward and backward both gathers)."""
   return _take_rows(ys, inverse, order)
 
 

@@ -31,7 +31,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from pallas_kernels.act_quant import E4M3_MAX, SCALE_FMTS, _scale
+from pallas_kernels.act_quant import E4M3_MAX, SCALE_FMTS, _scale, act_quant_reference
+from pallas_kernels.moe_gemv import check_weight
 
 BLOCK = 128
 MAX_ROWS = 16   # rows of x per call: one 16-row tensor-core tile (rows past M are masked)
@@ -130,17 +131,9 @@ def check_operands(x, w, scale, index, scale_fmt=None):
   if w.ndim == 3 and index is None:
     raise ValueError(f"a stacked weight {w.shape} needs the index of the matrix to use")
   g, n, k = (1, *w.shape) if w.ndim == 2 else w.shape
-  if k % BLOCK:
-    raise ValueError(f"{k=} (the reduction width) must be a multiple of {BLOCK}")
   if scale_fmt not in SCALE_FMTS:
     raise ValueError(f"{scale_fmt=} must be one of {SCALE_FMTS}")
-  if scale is not None:
-    want = (*w.shape[:-2], math.ceil(n / BLOCK), k // BLOCK)
-    if w.dtype != jnp.float8_e4m3fn or scale.shape != want or scale.dtype != jnp.float32:
-      raise ValueError(f"{w.dtype=}, {scale.shape=} {scale.dtype=}: FP8 weights need float32 "
-                       f"block scales {want}")
-  elif w.dtype == jnp.float8_e4m3fn:
-    raise ValueError("e4m3 weights need their weight_scale_inv block scales")
+  check_weight(w, scale)
   return g, n, k
 
 
@@ -199,7 +192,6 @@ def gemv_reference(x, w, scale=None, index=None, *, out_dtype=None,
   if scale is None:
     return jnp.einsum("mk,nk->mn", x.astype(jnp.float32), w.astype(jnp.float32),
                       precision=hi).astype(out_dtype)
-  from pallas_kernels.act_quant import act_quant_reference
   n, k = w.shape
   xq, sx = act_quant_reference(x, scale_fmt)
   xs = xq.astype(jnp.float32).reshape(-1, k // BLOCK, BLOCK)

@@ -98,22 +98,28 @@ def _kernel(ids_ref, x_ref, w_ref, *rest, n: int, d: int, config: TuningConfig, 
   plgpu.store(dst, acc.sum(axis=1).astype(o_ref.dtype), mask=col_ok)
 
 
+def check_weight(w, scale, width: str = "k") -> None:
+  """A [..., N, K] weight for the GEMV kernels: K whole 128-wide slabs; e4m3 exactly when its
+  float32 block scales [..., ceil(N/128), K/128] are given. `width`: K's name in messages."""
+  n, k = w.shape[-2:]
+  if k % BLOCK:
+    raise ValueError(f"{width}={k} (the reduction width) must be a multiple of {BLOCK}")
+  if scale is not None:
+    want = (*w.shape[:-2], math.ceil(n / BLOCK), k // BLOCK)
+    if w.dtype != jnp.float8_e4m3fn or scale.shape != want or scale.dtype != jnp.float32:
+      raise ValueError(f"{w.dtype=}, {scale.shape=} {scale.dtype=}: FP8 weights need float32 "
+                       f"block scales {want}")
+  elif w.dtype == jnp.float8_e4m3fn:
+    raise ValueError("e4m3 weights need their weight_scale_inv block scales")
+
+
 def check_operands(x, ids, w, scale):
   if x.ndim != 2 or ids.shape != x.shape[:1] or ids.dtype != jnp.int32:
     raise ValueError(f"{x.shape=}, {ids.shape=} {ids.dtype=}: expected x [R, D] and int32 ids [R]")
   if w.ndim != 3 or w.shape[2] != x.shape[1]:
     raise ValueError(f"{w.shape=} must be [E, N, D] with D = x.shape[1] = {x.shape[1]}")
-  e, n, d = w.shape
-  if d % BLOCK:
-    raise ValueError(f"{d=} (the reduction width) must be a multiple of {BLOCK}")
-  if scale is not None:
-    want = (e, math.ceil(n / BLOCK), d // BLOCK)
-    if w.dtype != jnp.float8_e4m3fn or scale.shape != want or scale.dtype != jnp.float32:
-      raise ValueError(f"{w.dtype=}, {scale.shape=} {scale.dtype=}: FP8 weights need float32 "
-                       f"scales {want}")
-  elif w.dtype == jnp.float8_e4m3fn:
-    raise ValueError("e4m3 weights need their weight_scale_inv block scales")
-  return e, n, d
+  check_weight(w, scale, "d")
+  return w.shape
 
 
 @functools.partial(jax.jit, static_argnames=("out_dtype", "config", "interpret"))

@@ -166,12 +166,13 @@ def test_unstacked_layers_generate_like_the_scanned_stack(model):
   assert [o.output_ids for o in got] == [o.output_ids for o in spec]
 
 
-def _wide_model(fp8: bool):
-  """tiny_v3 widened to 128-multiples (the GEMV kernel reduces whole 128-wide slabs)."""
+def _wide_model(fp8: bool, *, seed: int = 5, dtype=jnp.float32, **widths):
+  """tiny_v3 widened to 128-multiples (the GEMV kernels reduce whole 128-wide slabs)."""
   from dsv3_jax import Transformer, load_config
   cfg = load_config(fixture_path("tiny_v3")).replace(hidden_size=128, moe_intermediate_size=128,
-                                                      num_hidden_layers=3)
-  return Transformer(cfg, rngs=nnx.Rngs(5), fp8=fp8, fp8_backend="triton" if fp8 else "xla")
+                                                      num_hidden_layers=3, **widths)
+  return Transformer(cfg, rngs=nnx.Rngs(seed), param_dtype=dtype, dtype=dtype, fp8=fp8,
+                     fp8_backend="triton" if fp8 else "xla")
 
 
 @pytest.mark.parametrize("fp8", [False, True])
@@ -222,13 +223,9 @@ def test_gemv_reads_the_stack_at_the_layer_index():
 
 
 def _gemv_model(fp8: bool):
-  """tiny_v3 with every projection's input a whole number of 128-wide slabs, in bf16."""
-  from dsv3_jax import Transformer, load_config
-  cfg = load_config(fixture_path("tiny_v3")).replace(
-      hidden_size=128, moe_intermediate_size=128, intermediate_size=256, q_lora_rank=128,
-      kv_lora_rank=128, v_head_dim=32, num_hidden_layers=3)
-  return Transformer(cfg, rngs=nnx.Rngs(7), param_dtype=jnp.bfloat16, dtype=jnp.bfloat16,
-                     fp8=fp8, fp8_backend="triton" if fp8 else "xla")
+  """_wide_model with every projection's input a whole number of 128-wide slabs, in bf16."""
+  return _wide_model(fp8, seed=7, dtype=jnp.bfloat16, intermediate_size=256, q_lora_rank=128,
+                     kv_lora_rank=128, v_head_dim=32)
 
 
 @pytest.mark.parametrize("fp8", [False, True])
