@@ -67,11 +67,17 @@ def parse_args(argv=None):
   m.add_argument("--fp8-backend", choices=["auto", "xla", "triton", "mosaic"], default="auto",
                  help="kernels of --precision fp8: auto = Mosaic/Triton on FP8-capable GPUs, "
                       "else the float32 emulation 'xla'")
-  m.add_argument("--remat", help="a jax.checkpoint_policies name per layer, e.g. "
-                                 "nothing_saveable (default: no rematerialisation)")
-  m.add_argument("--attn-impl", choices=["auto", "einsum", "xla", "cudnn"], default="auto",
+  m.add_argument("--remat", help="rematerialise each decoder layer in the backward pass with "
+                                 "this policy: a jax.checkpoint_policies name (e.g. "
+                                 "nothing_saveable, dots_with_no_batch_dims_saveable) or "
+                                 "dots_and_kernels (dots plus the expert grouped-matmul and "
+                                 "fused-attention outputs; see dsv3_jax/remat.py); default: "
+                                 "no rematerialisation")
+  m.add_argument("--attn-impl", choices=["auto", "einsum", "xla", "cudnn", "cudnn_mla"],
+                 default="auto",
                  help="training attention: einsum (mla.py's form), xla or cudnn "
-                      "(jax.nn.dot_product_attention); auto = cudnn on NVIDIA GPUs, else einsum")
+                      "(jax.nn.dot_product_attention), cudnn_mla (cuDNN with the value head dim "
+                      "unpadded; cuDNN >= 9.10, Hopper+); auto = cudnn on NVIDIA GPUs, else einsum")
   m.add_argument("--mesh", default="", help="mesh axis sizes, e.g. 'data=2,expert=4' "
                                             "(default: data = every device)")
   m.add_argument("--capacity-factor", type=float,

@@ -5,9 +5,12 @@ A variant is `dispatch/attention[/remat][/bBATCH][/unstacked]`:
   dispatch   capacity: expert buckets of ceil(1.25·M·K/E) rows (ExpertParallel, one batched
              matmul); dropless: the model's sorted dispatch into moe.grouped_matmul (on Hopper
              the Mosaic grouped matmul of pallas_kernels.ragged_dot_hopper, else ragged_dot)
-  attention  cudnn (jax.nn.dot_product_attention, fused) or einsum (mla.py's own form)
+  attention  cudnn (jax.nn.dot_product_attention, fused), cudnn_mla (the same kernel in cuDNN's
+             MLA form: value head dim 128 unpadded) or einsum (mla.py's own form)
   remat      per layer: full (nothing_saveable), dots (dots_with_no_batch_dims_saveable),
-             none, or any jax.checkpoint_policies name; default --remat
+             dotsk (dots_and_kernels: dots plus the grouped-matmul, expert-row and fused
+             attention outputs, dsv3_jax.remat), none, or any jax.checkpoint_policies name;
+             default --remat
   bBATCH     sequences per step (default --batch)
   unstacked  every decoder layer with arrays of its own (Transformer.unstack_layers), run
              unrolled instead of under lax.scan: no slicing of stacked weights and no stacking
@@ -44,13 +47,14 @@ from dsv3_jax.train_step import (OptimizerConfig, init_train_state, make_train_s
                                  state_shardings)
 
 
-REMAT = {"full": "nothing_saveable", "dots": "dots_with_no_batch_dims_saveable", "none": None}
+REMAT = {"full": "nothing_saveable", "dots": "dots_with_no_batch_dims_saveable",
+         "dotsk": "dots_and_kernels", "none": None}
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class Variant:
   dispatch: str          # capacity | dropless
-  attention: str         # cudnn | einsum
+  attention: str         # cudnn | cudnn_mla | einsum
   remat: str | None      # a jax.checkpoint_policies name, or None
   batch: int
   unstacked: bool
@@ -59,10 +63,10 @@ class Variant:
 def parse_variant(name: str, args) -> Variant:
   """`dispatch/attention[/remat][/bBATCH][/unstacked]`, options after the first two in any
   order; remat and batch default to --remat and --batch."""
-  usage = "expected capacity|dropless/cudnn|einsum[/remat][/bN][/unstacked]"
+  usage = "expected capacity|dropless/cudnn|cudnn_mla|einsum[/remat][/bN][/unstacked]"
   parts = name.split("/")
   if len(parts) < 2 or parts[0] not in ("capacity", "dropless") or (
-      parts[1] not in ("cudnn", "einsum")):
+      parts[1] not in ("cudnn", "cudnn_mla", "einsum")):
     raise ValueError(f"variant {name!r}: {usage}")
   remat, batch, unstacked = [], [], []
   for part in parts[2:]:

@@ -29,11 +29,13 @@ import math
 
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 from jax.sharding import Mesh, PartitionSpec as P
 
 from dsv3_jax.layers import dequantize_blocks, lowp_product
 from dsv3_jax.moe import (Experts, Routing, grouped_matmul, inverse_permutation, permute_rows,
                           unpermute_rows)
+from dsv3_jax.remat import EXPERT_MATMUL, EXPERT_ROWS
 from pallas_kernels.fp8_ops import Fp8Backend
 from pallas_kernels.fp8_train_ops import fp8_train_batched
 
@@ -153,7 +155,7 @@ class _Body:
     recv_e = self._a2a(send_e).reshape(self.n_ep * rows)            # e_local marks padding
     local = jnp.argsort(recv_e, stable=True)
     sizes = jnp.bincount(recv_e, length=e_local + 1)[:e_local].astype(jnp.int32)
-    h_in = jnp.take(recv_x, local, axis=0)
+    h_in = checkpoint_name(jnp.take(recv_x, local, axis=0), EXPERT_ROWS)
 
     def mm(a, name):
       return grouped_matmul(a, weights[name], sizes, weights.get(name + "_scale_inv"),
@@ -182,7 +184,8 @@ class _Body:
     send = jnp.zeros((e, cap, d), xs.dtype).at[sorted_e, jnp.where(keep, slot, cap)].set(
         xs, mode="drop")
     recv = self._a2a(send.reshape(self.n_ep, e_local, cap, d))      # [src, e_local, cap, D]
-    h_in = recv.transpose(1, 0, 2, 3).reshape(e_local, self.n_ep * cap, d)
+    h_in = checkpoint_name(recv.transpose(1, 0, 2, 3).reshape(e_local, self.n_ep * cap, d),
+                           EXPERT_ROWS)
 
     def w(name):
       s = weights.get(name + "_scale_inv")
@@ -195,10 +198,10 @@ class _Body:
     else:
       mm = lambda spec, a, b: lowp_product(
           lambda a, b, t: jnp.einsum(spec, a, b, preferred_element_type=t), a, b)
-      g = mm("ecd,efd->ecf", h_in, w("gate_proj"))
-      u = mm("ecd,efd->ecf", h_in, w("up_proj"))
+      g = checkpoint_name(mm("ecd,efd->ecf", h_in, w("gate_proj")), EXPERT_MATMUL)
+      u = checkpoint_name(mm("ecd,efd->ecf", h_in, w("up_proj")), EXPERT_MATMUL)
       h = (jax.nn.silu(g) * u).astype(xs.dtype)
-      out = mm("ecf,edf->ecd", h, w("down_proj"))
+      out = checkpoint_name(mm("ecf,edf->ecd", h, w("down_proj")), EXPERT_MATMUL)
       out = self._reduce_tensor(out.astype(xs.dtype))
     out = out.reshape(e_local, self.n_ep, cap, d).transpose(1, 0, 2, 3)
     back = self._a2a(out).reshape(e, cap, d)

@@ -10,6 +10,7 @@ Both are the same function up to rounding (arXiv 2405.04434 §2.1.2).
 
 from __future__ import annotations
 
+import functools
 from typing import Literal
 
 import jax
@@ -19,10 +20,14 @@ from flax import nnx
 from dsv3_jax.cache import LayerCache
 from dsv3_jax.config import ModelConfig
 from dsv3_jax.layers import Linear, RMSNorm, apply_rope, rope_attention_factor, rope_inv_freq
+from dsv3_jax.remat import ATTENTION, with_saved_vjp
 from pallas_kernels.fp8_ops import Fp8Backend
 
 AttnMode = Literal["full", "absorbed"]
 _NEG_INF = -1e30  # finite: a row with no visible key (padding) stays NaN-free
+
+
+ATTN_IMPLS = (None, "xla", "cudnn", "cudnn_mla")
 
 
 class MLA(nnx.Module):
@@ -31,14 +36,16 @@ class MLA(nnx.Module):
   attn_impl: how the full form (training) attends: None = the einsum/softmax below (any
   positions); "xla" or "cudnn" = jax.nn.dot_product_attention with that implementation (cuDNN:
   fused flash attention on NVIDIA GPUs), causal over slot order, so only for rows whose
-  positions are 0..T-1 (training, prefill from 0).
+  positions are 0..T-1 (training, prefill from 0); "cudnn_mla" = cuDNN's multi-latent-attention
+  form of the same kernel, with the value head dim (128) smaller than the query/key one (192)
+  instead of zero-padded to it (cuDNN ≥ 9.10 on Hopper or later).
   """
 
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, param_dtype=jnp.float32,
                fp8: bool = False, fp8_backend: Fp8Backend | None = None,
                attn_impl: str | None = None):
-    if attn_impl not in (None, "xla", "cudnn"):
-      raise ValueError(f"{attn_impl=} must be None, 'xla' or 'cudnn'")
+    if attn_impl not in ATTN_IMPLS:
+      raise ValueError(f"{attn_impl=} must be one of {ATTN_IMPLS}")
     d, n = cfg.hidden_size, cfg.num_attention_heads
     self.attn_impl = attn_impl
     self.num_heads = n
@@ -134,8 +141,8 @@ class MLA(nnx.Module):
 
   def _fused(self, q_nope, q_pe, k_nope, k_pe, v):
     """Causal attention through jax.nn.dot_product_attention (shapes as in _full). The shared
-    rope key is broadcast to every head and v is zero-padded to the qk head dim (the public
-    API wants equal head dims). The sequence is zero-padded at its end to a multiple of 16
+    rope key is broadcast to every head and, except for "cudnn_mla", v is zero-padded to the qk
+    head dim (the public API wants equal head dims). The sequence is zero-padded at its end to a multiple of 16
     (cuDNN rejects odd lengths in training, e.g. the MTP module's T - 1): causality hides the
     padded keys from every real query. Both paddings are sliced off the output."""
     b, t, n, _ = q_nope.shape
@@ -145,9 +152,19 @@ class MLA(nnx.Module):
     k = jnp.concatenate([k_nope, jnp.broadcast_to(k_pe[:, :, None, :].astype(k_nope.dtype),
                                                   (b, t, n, self.rope_dim))], -1)
     pad = lambda x, d: jnp.pad(x.astype(q.dtype), ((0, 0), (0, pad_t), (0, 0), (0, d)))
-    out = jax.nn.dot_product_attention(pad(q, 0), pad(k, 0), pad(v, qk - self.v_dim),
-                                       scale=self.scale, is_causal=True,
-                                       implementation=self.attn_impl)
+    if self.attn_impl == "cudnn_mla":
+      # JAX's own cuDNN binding: the public API checks equal head dims, cuDNN does not.
+      from jax._src.cudnn.fused_attention_stablehlo import MaskType
+      from jax._src.cudnn.fused_attention_stablehlo import dot_product_attention as cudnn_attn
+      attend = functools.partial(cudnn_attn, scale=self.scale, mask_type=MaskType.CAUSAL)
+      v_pad = 0
+    else:
+      attend = functools.partial(jax.nn.dot_product_attention, scale=self.scale,
+                                 is_causal=True, implementation=self.attn_impl)
+      v_pad = qk - self.v_dim
+    if self.attn_impl != "xla":  # a remat policy can keep its output and softmax statistics
+      attend = with_saved_vjp(attend, ATTENTION)
+    out = attend(pad(q, 0), pad(k, 0), pad(v, v_pad))
     return out[:, :t, :, :self.v_dim]
 
   def _absorbed(self, q_nope, q_pe, c_kv, k_pe, q_pos, k_pos):

@@ -24,6 +24,7 @@ from dsv3_jax.config import ModelConfig
 from dsv3_jax.layers import Embed, Linear, RMSNorm
 from dsv3_jax.mla import MLA, AttnMode
 from dsv3_jax.moe import GEMV_WEIGHTS, MLP, LayerOfStack, MoE
+from dsv3_jax.remat import policy as remat_policy
 from pallas_kernels.fp8_ops import Fp8Backend, resolve_backend
 
 log = logging.getLogger(__name__)
@@ -82,8 +83,9 @@ def scan_layers(layers: nnx.Module | nnx.List, x, positions, cache: LayerCache |
     layers: a module built by _stack, or an nnx.List of DecoderLayers;
       cache: LayerCache with a leading [L] axis, or None.
     with_aux: also return the layers' routing statistics, stacked on [L] (None for dense).
-    remat: rematerialise each layer in the backward pass with this `jax.checkpoint_policies`
-      policy (e.g. "nothing_saveable"); None saves every activation.
+    remat: rematerialise each layer in the backward pass with this policy (`remat.policy`:
+      a `jax.checkpoint_policies` name such as "nothing_saveable", or "dots_and_kernels");
+      None saves every activation.
   Returns:
     (x [B, T, D], the updated stacked cache or None), plus the stats with `with_aux`.
   """
@@ -99,7 +101,7 @@ def scan_layers(layers: nnx.Module | nnx.List, x, positions, cache: LayerCache |
     if remat is not None:
       # Inside lax.scan nothing can merge the recomputation with the forward pass; unrolled
       # (a list of layers), XLA's CSE would, and keep every activation alive (remat undone).
-      body = jax.checkpoint(body, policy=getattr(jax.checkpoint_policies, remat),
+      body = jax.checkpoint(body, policy=remat_policy(remat),
                             prevent_cse=isinstance(layers, nnx.List))
     return body
 
@@ -229,7 +231,8 @@ class Transformer(nnx.Module):
       attention core stay high precision. Excludes `fp8`.
     expert_dispatch: how MoE layers apply their routed experts (see moe.MoE; e.g.
       expert_parallel.ExpertParallel); None: the local sorted dispatch.
-    remat: a `jax.checkpoint_policies` name applied per scanned layer (training); None: off.
+    remat: a remat policy name applied per decoder layer (training; `remat.policy`: a
+      `jax.checkpoint_policies` name or "dots_and_kernels"); None: off.
     attn_impl: the full-form attention of every layer (see mla.MLA; "cudnn" for training on
       NVIDIA GPUs); None: the einsum form.
   """

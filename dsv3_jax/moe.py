@@ -12,11 +12,13 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 from dsv3_jax.balance import routing_stats
 from dsv3_jax.config import ModelConfig
 from dsv3_jax.layers import (Linear, _normal, dequantize_blocks, lowp_product, param,
                              quantize_blocks)
+from dsv3_jax.remat import EXPERT_MATMUL, EXPERT_ROWS
 from pallas_kernels.fp8_ops import Fp8Backend, fp8_grouped_linear
 from pallas_kernels.fp8_train_ops import (fp8_train_grouped, fp8_train_grouped_aligned,
                                           to_aligned_rows)
@@ -149,8 +151,14 @@ def grouped_matmul(x: jax.Array, w: jax.Array, group_sizes: jax.Array,
       (Hopper) runs the Mosaic bf16 grouped matmul (pallas_kernels.ragged_dot_hopper); elsewhere
       jax.lax.ragged_dot.
   Returns:
-    [M, N] in x.dtype (float32 accumulation).
+    [M, N] in x.dtype (float32 accumulation), tagged `remat.EXPERT_MATMUL` (a remat policy can
+    keep it: the kernels are not dots).
   """
+  return checkpoint_name(_grouped_matmul(x, w, group_sizes, scale_inv, fp8_backend),
+                         EXPERT_MATMUL)
+
+
+def _grouped_matmul(x, w, group_sizes, scale_inv, fp8_backend):
   if scale_inv is None and fp8_backend is not None and fp8_backend.training:
     return fp8_train_grouped(x, w, group_sizes, backend=fp8_backend)
   if (scale_inv is not None and fp8_backend is not None and fp8_backend.kind != "xla"
@@ -243,7 +251,8 @@ class Experts(nnx.Module):
     order = jnp.argsort(flat, stable=True)                 # sort (token, slot) pairs by expert
     group_sizes = jnp.bincount(flat, length=self.num_experts).astype(jnp.int32)
     inverse = inverse_permutation(order)
-    xs = permute_rows(x, order, k, inverse)                # [M·K, D] tokens in expert order
+    xs = checkpoint_name(permute_rows(x, order, k, inverse),  # [M·K, D] in expert order
+                         EXPERT_ROWS)
     if fp8_training:
       ys = self._fp8_training(xs, group_sizes)
     else:

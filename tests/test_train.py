@@ -383,8 +383,36 @@ def test_fused_attention_option_matches_einsum_form():
   want = np.asarray(ref(tokens))
   np.testing.assert_allclose(np.asarray(fused(tokens)), want, rtol=1e-5, atol=1e-5)
   assert np.abs(want).max() > 0.1
-  with pytest.raises(ValueError, match="attn_impl"):
+  with pytest.raises(ValueError, match="attn_impl.*cudnn_mla"):
     Transformer(cfg, rngs=nnx.Rngs(0), attn_impl="flash")
+
+
+@pytest.mark.skipif(jax.devices()[0].platform != "gpu", reason="cuDNN fused attention")
+def test_cudnn_attention_forms_match_einsum():
+  """attn_impl "cudnn" (v zero-padded to the qk head dim) and "cudnn_mla" (cuDNN's MLA form, v
+  unpadded), with DeepSeek's head dims (qk 128 + 64 rope, v 128): logits and parameter
+  gradients of a bf16 forward/backward are as close to the float32 einsum form as the bf16
+  einsum form is. Bound: twice the bf16 einsum form's relative error per array, or 1e-2 (its
+  errors reach 6e-2 on some gradients: bf16 rounding, not attention)."""
+  from dsv3_jax import Transformer
+
+  cfg = _cfg(qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128, num_attention_heads=2)
+  tokens = jax.random.randint(jax.random.key(0), (2, 64), 0, cfg.vocab_size)
+
+  def outputs(impl, dtype):
+    graphdef, params = nnx.split(Transformer(cfg, rngs=nnx.Rngs(0), attn_impl=impl,
+                                             dtype=dtype))
+    f = lambda p: nnx.merge(graphdef, p)(tokens).astype(jnp.float32)
+    grads = jax.grad(lambda p: (f(p) ** 2).mean())(params)
+    return [f(params)] + jax.tree.leaves(grads)
+
+  rel = lambda a, b: float(jnp.linalg.norm(a - b) / jnp.maximum(jnp.linalg.norm(b), 1e-30))
+  exact = outputs(None, jnp.float32)
+  bound = [max(2 * rel(a, b), 1e-2) for a, b in zip(outputs(None, jnp.bfloat16), exact)]
+  for impl in ("cudnn", "cudnn_mla"):
+    errors = [rel(a, b) for a, b in zip(outputs(impl, jnp.bfloat16), exact)]
+    bad = [(i, e, b) for i, (e, b) in enumerate(zip(errors, bound)) if e > b]
+    assert not bad, (impl, bad)
 
 
 def test_shipped_demo_checkpoint_models_python():
