@@ -10,7 +10,10 @@ MTP speculative decoding (`mtp=True`): each step the main model verifies [cur, d
 positions [P, P+1]. The token a at P+1 is sampled from the main model; if a equals the draft,
 the token b sampled at P+2 is kept too. Sampling first and comparing afterwards keeps the output
 distribution exactly that of plain decoding (greedy output is identical). The MTP module then
-drafts the next token from (h_P, a) or (h_{P+1}, b).
+drafts the next token from (h_P, a) or (h_{P+1}, b). The step is one decoder block, one head and
+one sampling pass more than a plain step: a and b are sampled in one pass over both rows, and
+the MTP block runs over both positions (both cache slots are needed once b is accepted) but
+only the row that drafts goes through the head.
 """
 
 from __future__ import annotations
@@ -82,8 +85,9 @@ def _decode(graphdef, params, cur, pos, cache: Cache, key, *, sampling, steps):
 @functools.partial(jax.jit, static_argnames=("graphdef", "sampling", "steps"),
                    donate_argnames=("cache",))
 def _decode_mtp(graphdef, params, cur, draft, pos, cache: Cache, key, *, sampling, steps):
-  """`steps` speculative steps. Returns (a [B, steps], b [B, steps], accepted [B, steps],
-  cur, draft, pos, cache): each step emits a, then b where accepted."""
+  """`steps` speculative steps. Returns (out [B, steps, 3] int32, cur, draft, pos, cache): per
+  step the tokens a and b and whether b was accepted (1/0); each step emits a, then b where
+  accepted. One array, so the host reads each chunk in one transfer."""
   model = nnx.merge(graphdef, params)
   layer = model.mtp[0]
   limit = cache.max_len - 2
@@ -93,20 +97,24 @@ def _decode_mtp(graphdef, params, cur, draft, pos, cache: Cache, key, *, samplin
     toks = jnp.stack([cur, draft], axis=1)
     p2 = pos[:, None] + jnp.arange(2, dtype=pos.dtype)
     h, cache = model.hidden(toks, p2, cache, mode="absorbed")
-    logits = model.head(h)
-    ka, kb = jax.random.split(k)
-    a, b = sample(logits[:, 0], ka, sampling), sample(logits[:, 1], kb, sampling)
+    logits = model.head(h)                                        # [B, 2, V]
+    # both positions in one sampling pass (one argmax when greedy); rows draw independent noise
+    ab = sample(logits.reshape(-1, logits.shape[-1]), k, sampling).reshape(toks.shape)
+    a, b = ab[:, 0], ab[:, 1]
     acc = a == draft
-    m, c = layer(h, model.embed(jnp.stack([a, b], axis=1)), p2, cache.mtp[0], mode="absorbed")
+    m, c = layer(h, model.embed(ab), p2, cache.mtp[0], mode="absorbed")
     cache = dataclasses.replace(cache, mtp=(c,) + cache.mtp[1:])
-    m_next = jnp.argmax(model.head(layer.shared_head_norm(m)), -1).astype(jnp.int32)
-    new_draft = jnp.where(acc, m_next[:, 1], m_next[:, 0])
+    # only the row that drafts goes through the head: P+1 (after b) if accepted, else P
+    m = jnp.where(acc[:, None], m[:, 1], m[:, 0])                  # [B, D]
+    new_draft = jnp.argmax(model.head(layer.shared_head_norm(m)), -1).astype(jnp.int32)
     new_pos = jnp.minimum(pos + 1 + acc.astype(pos.dtype), limit)
-    return (jnp.where(acc, b, a), new_draft, new_pos, cache), (a, b, acc)
+    out = jnp.stack([a, b, acc.astype(jnp.int32)], axis=1)
+    return (jnp.where(acc, b, a), new_draft, new_pos, cache), out
 
-  (cur, draft, pos, cache), (a, b, acc) = jax.lax.scan(
-      step, (cur, draft, pos, cache), jax.random.split(key, steps))
-  return a.T, b.T, acc.T, cur, draft, pos, cache
+  keys = None if sampling.greedy else jax.random.split(key, steps)
+  (cur, draft, pos, cache), out = jax.lax.scan(step, (cur, draft, pos, cache), keys,
+                                               length=steps)
+  return jnp.swapaxes(out, 0, 1), cur, draft, pos, cache
 
 
 # ---- host-side engine ----------------------------------------------------------------------------
@@ -278,18 +286,18 @@ class Engine:
     while not all(done):
       key, k = jax.random.split(key)
       if self.mtp:
-        a, b, acc, cur, draft, pos, cache = _decode_mtp(
+        steps, cur, draft, pos, cache = _decode_mtp(
             self.graphdef, self.params, cur, draft, pos, cache, k, sampling=sampling,
             steps=self.chunk)
-        a, b, acc = np.asarray(a), np.asarray(b), np.asarray(acc)
+        steps = np.asarray(steps).tolist()
         for i in range(batch):
           if done[i]:
             continue
           new = []
-          for j in range(self.chunk):
-            new += [int(a[i, j]), int(b[i, j])] if acc[i, j] else [int(a[i, j])]
+          for a, b, acc in steps[i]:
+            new += [a, b] if acc else [a]
             stats.mtp_steps += 1
-            stats.mtp_accepted += int(acc[i, j])
+            stats.mtp_accepted += acc
             if len(out[i].output_ids) + len(new) >= max_new_tokens:
               break
           accept(i, new)
