@@ -111,15 +111,15 @@ def step_hlo(engine, prompt_ids, sampling, max_len) -> collections.Counter:
   pos = jnp.asarray([len(prompt_ids)], jnp.int32)
   key = jax.random.key(0)
   if engine.mtp:
-    lowered = generate._decode_mtp.lower(engine.graphdef, engine.params, cur, cur, pos, cache,
+    lowered = generate._decode_mtp.lower(engine.graph, engine.params, cur, cur, pos, cache,
                                          key, sampling=sampling, steps=1)
   else:
-    lowered = generate._decode.lower(engine.graphdef, engine.params, cur, pos, cache, key,
+    lowered = generate._decode.lower(engine.graph, engine.params, cur, pos, cache, key,
                                      sampling=sampling, steps=1)
   return hlo_op_counts(lowered.compile().as_text())
 
 
-# ---- timing ---------------------------------------------------------------------------------------
+# ---- timing -------------------------------------------------------------------------------------
 def step_times(engine, prompt_ids, sampling, max_len, steps, repeats):
   """Median wall time (s) of one jitted decode call of each step count in `steps`, from the
   prompt's prefilled state (every call restarts at the same position; the work of a step does
@@ -132,17 +132,17 @@ def step_times(engine, prompt_ids, sampling, max_len, steps, repeats):
   key = jax.random.key(0)
   cache = init_cache(engine.cfg, 1, max_len, engine.cache_dtype, with_mtp=engine.mtp)
   tokens = jnp.asarray([prompt_ids], jnp.int32)
-  first, draft, cache = generate._prefill(engine.graphdef, engine.params, tokens,
+  first, draft, cache = generate._prefill(engine.graph, engine.params, tokens,
                                           jnp.asarray([len(prompt_ids)], jnp.int32), cache, key,
                                           sampling=sampling, mtp=engine.mtp)
   pos = jnp.asarray([len(prompt_ids)], jnp.int32)
 
   def call(n, cache):
     if engine.mtp:
-      out = generate._decode_mtp(engine.graphdef, engine.params, first, draft, pos, cache, key,
+      out = generate._decode_mtp(engine.graph, engine.params, first, draft, pos, cache, key,
                                  sampling=sampling, steps=n)
     else:
-      out = generate._decode(engine.graphdef, engine.params, first, pos, cache, key,
+      out = generate._decode(engine.graph, engine.params, first, pos, cache, key,
                              sampling=sampling, steps=n)
     jax.block_until_ready(out)
     return out[-1]
@@ -172,12 +172,15 @@ def run(args) -> dict:
   ids = [tok.encode(p) for p in prompts]
   model = load_model(args.ckpt, dtype, False, quiet=True)
   sampling = SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
-  max_len = max(len(i) for i in ids) + max(args.new_tokens, 2 * max(args.steps)) + 64
+  # the cache length of generate's runs (attention reads every slot), room for S2 MTP steps
+  max_len = lambda e, pid: max(e.plan_cache_len(len(pid), args.new_tokens),
+                               len(pid) + 2 * max(args.steps) + 2)
   s1, s2 = args.steps
   print(f"{dev.device_kind} ({dev.platform}), {args.ckpt} in {dtype}, chunk {args.chunk}",
         flush=True)
   result = dict(device=dev.device_kind, jax=jax.__version__,
-                xla_flags=os.environ.get("XLA_FLAGS", ""), ckpt=args.ckpt, dtype=dtype, chunk=args.chunk,
+                xla_flags=os.environ.get("XLA_FLAGS", ""), ckpt=args.ckpt, dtype=dtype,
+                chunk=args.chunk,
                 sampling=dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p),
                 new_tokens=args.new_tokens, repeats=args.repeats, steps=args.steps,
                 variants={})
@@ -185,7 +188,7 @@ def run(args) -> dict:
     engines = {kind: Engine(model, mtp=kind == "mtp", chunk=args.chunk, **VARIANTS[variant])
                for kind in ("plain", "mtp")}
     rec = result["variants"][variant] = {}
-    hlo = {kind: step_hlo(e, ids[0], sampling, max_len) for kind, e in engines.items()}
+    hlo = {kind: step_hlo(e, ids[0], sampling, max_len(e, ids[0])) for kind, e in engines.items()}
     for kind in engines:
       counts = hlo[kind]
       rec[f"{kind}_step_ops"] = sum(counts.values())
@@ -201,7 +204,7 @@ def run(args) -> dict:
     for p, pid in zip(prompts, ids):
       row = {"prompt": p}
       for kind, e in engines.items():
-        t = step_times(e, pid, sampling, max_len, (s1, s2), args.repeats)
+        t = step_times(e, pid, sampling, max_len(e, pid), (s1, s2), args.repeats)
         row[f"{kind}_step_ms"] = 1e3 * (t[s2] - t[s1]) / (s2 - s1)
         row[f"{kind}_call_overhead_ms"] = 1e3 * t[s1] - s1 * row[f"{kind}_step_ms"]
       row["step_ratio"] = row["mtp_step_ms"] / row["plain_step_ms"]

@@ -160,6 +160,18 @@ def test_sample_distribution():
                              p2 / p2.sum(), atol=0.015)
 
 
+def test_engines_of_one_model_share_compiled_steps(model):
+  """The graph is a static argument hashed once per Engine (StaticGraph); equal graphs of two
+  engines still hit the same compiled decode step."""
+  from dsv3_jax import generate
+  first, _ = Engine(model, chunk=2).generate([[5, 17]], max_new_tokens=5)
+  n = generate._decode._cache_size()
+  again, _ = Engine(model, chunk=2).generate([[5, 17]], max_new_tokens=5)
+  assert generate._decode._cache_size() == n and again[0].output_ids == first[0].output_ids
+  graph = generate.StaticGraph(nnx.split(model)[0])
+  assert graph == generate.StaticGraph(nnx.split(model)[0]) and hash(graph) == graph._hash
+
+
 def test_bad_requests(model):
   engine = Engine(model)
   with pytest.raises(ValueError, match="prompt 1 is empty"):
