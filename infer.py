@@ -62,6 +62,9 @@ def parse_args(argv=None):
                  help="cache length in tokens (default: longest prompt + max-new-tokens)")
   m.add_argument("--batch-size", type=int, default=8, help="rows per batch for --input-file")
   m.add_argument("--chunk", type=int, default=8, help="decode steps per device call")
+  m.add_argument("--gemv", choices=["auto", "on", "off"], default="auto",
+                 help="decode projections and routed experts of few rows through the GEMV "
+                      "kernels: auto = on GPUs (default), off = XLA's dots and gathers")
   m.add_argument("--unstack-layers", action="store_true",
                  help="give every layer arrays of its own instead of scanning the stacked layers "
                       "(kernels then read every weight in place; compile time grows with depth)")
@@ -122,6 +125,12 @@ def load_model(path: str, dtype: str, fp8: bool, quiet: bool):
   return model
 
 
+def engine_options(args) -> dict:
+  """generate.Engine's keyword arguments from the command line (all but `mtp`)."""
+  gemv = {"auto": None, "on": True, "off": False}[args.gemv]
+  return dict(chunk=args.chunk, unstack=args.unstack_layers, expert_gemv=gemv, dense_gemv=gemv)
+
+
 class Session:
   """The model, tokenizer and engine, plus the text-level pieces (templates, stop strings)."""
 
@@ -143,8 +152,7 @@ class Session:
     if self.tok.vocab_size > self.model.cfg.vocab_size:
       raise SystemExit(f"error: the tokenizer has {self.tok.vocab_size} tokens but the model's "
                        f"vocab_size is {self.model.cfg.vocab_size}: wrong tokenizer?")
-    self.engine = Engine(self.model, mtp=args.mtp, chunk=args.chunk,
-                         unstack=args.unstack_layers)
+    self.engine = Engine(self.model, mtp=args.mtp, **engine_options(args))
     self.sampling = SamplingParams(temperature=args.temperature, top_k=args.top_k,
                                    top_p=args.top_p)
 
@@ -218,8 +226,7 @@ def batch_mode(session: Session, texts: list[str]) -> int:
   plain = None
   if args.compare_plain:  # compile both engines on the first batch: timings exclude compiling
     from dsv3_jax.generate import Engine
-    plain = Engine(session.model, mtp=False, chunk=args.chunk,
-                   unstack=args.unstack_layers)
+    plain = Engine(session.model, mtp=False, **engine_options(args))
     try:
       for engine in (session.engine, plain):
         session.run(ids[:rows], stream=False, engine=engine)

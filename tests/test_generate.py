@@ -112,6 +112,36 @@ def test_sampling_is_reproducible_and_respects_top_k(model):
   assert [o.output_ids for o in top1] == [o.output_ids for o in greedy]
 
 
+def test_mtp_sampling_is_reproducible_and_top1_is_greedy():
+  """The speculative step samples both verified positions in one pass (one key, one row of
+  noise each): seeds reproduce, and top-1 sampling (through the sampling path, not argmax)
+  gives plain greedy output with drafts both accepted and rejected."""
+  tuned = bigram_mtp_model(from_hf_pretrained(fixture_path("tiny_v3"), jnp.float32))
+  engine = Engine(tuned, chunk=3, mtp=True)
+  params = SamplingParams(temperature=1.0, top_k=5, top_p=0.9)
+  a, _ = engine.generate(PROMPTS, max_new_tokens=8, sampling=params, seed=1)
+  b, _ = engine.generate(PROMPTS, max_new_tokens=8, sampling=params, seed=1)
+  c, _ = engine.generate(PROMPTS, max_new_tokens=8, sampling=params, seed=2)
+  assert [o.output_ids for o in a] == [o.output_ids for o in b]
+  assert [o.output_ids for o in a] != [o.output_ids for o in c]
+  greedy, _ = Engine(tuned, chunk=4).generate(PROMPTS, max_new_tokens=12)
+  top1, stats = engine.generate(PROMPTS, max_new_tokens=12, seed=3,
+                                sampling=SamplingParams(temperature=1.0, top_k=1))
+  assert [o.output_ids for o in top1] == [o.output_ids for o in greedy]
+  assert 0.2 < stats.acceptance_rate < 1.0, stats.acceptance_rate
+
+
+def test_sample_rows_are_independent():
+  """Rows sampled together from one key (as the MTP step samples both verified positions)
+  draw independent tokens: their joint frequencies are the product of the marginals."""
+  p = np.array([[0.5, 0.3, 0.2], [0.6, 0.1, 0.3]])
+  keys = jax.random.split(jax.random.key(4), 40000)
+  draws = np.asarray(jax.vmap(lambda k: sample(jnp.log(jnp.asarray(p)), k,
+                                               SamplingParams(temperature=1.0)))(keys))
+  joint = np.bincount(draws[:, 0] * 3 + draws[:, 1], minlength=9).reshape(3, 3) / len(draws)
+  np.testing.assert_allclose(joint, np.outer(p[0], p[1]), atol=0.01)
+
+
 def test_sample_distribution():
   logits = jnp.log(jnp.array([[0.5, 0.25, 0.15, 0.07, 0.03]]))
   keys = jax.random.split(jax.random.key(0), 20000)
@@ -128,6 +158,18 @@ def test_sample_distribution():
   draws = np.asarray(jax.vmap(lambda k: sample(logits, k, SamplingParams(temperature=0.5)))(keys))
   np.testing.assert_allclose(np.bincount(draws.ravel(), minlength=5) / draws.size,
                              p2 / p2.sum(), atol=0.015)
+
+
+def test_engines_of_one_model_share_compiled_steps(model):
+  """The graph is a static argument hashed once per Engine (StaticGraph); equal graphs of two
+  engines still hit the same compiled decode step."""
+  from dsv3_jax import generate
+  first, _ = Engine(model, chunk=2).generate([[5, 17]], max_new_tokens=5)
+  n = generate._decode._cache_size()
+  again, _ = Engine(model, chunk=2).generate([[5, 17]], max_new_tokens=5)
+  assert generate._decode._cache_size() == n and again[0].output_ids == first[0].output_ids
+  graph = generate.StaticGraph(nnx.split(model)[0])
+  assert graph == generate.StaticGraph(nnx.split(model)[0]) and hash(graph) == graph._hash
 
 
 def test_bad_requests(model):
