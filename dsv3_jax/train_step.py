@@ -7,8 +7,9 @@
 Loss = CE(next token) + λ/D·Σ_k CE_k (MTP, depth D) + α·Σ_layers Σ_i f_i·P_i (sequence-wise
 balance). After the update every MoE layer's correction bias moves by γ·sign(mean load −
 load_i), outside the gradient. Parameters are float32 masters; the model computes in bf16
-(weights are cast where they are used; routing, norms and softmax stay float32). AdamW's
-moments are float32 or bf16 (`OptimizerConfig.moment_dtype`).
+(weights are cast where they are used, or once per step with `cast_weights_once`; routing,
+norms and softmax stay float32). AdamW's moments are float32 or bf16
+(`OptimizerConfig.moment_dtype`).
 """
 
 from __future__ import annotations
@@ -150,7 +151,8 @@ def init_train_state(cfg: ModelConfig, oc: OptimizerConfig, *, seed: int = 0,
       of the stacks, no stacking of residuals and weight gradients; compile time grows with
       depth). Parameter paths gain the layer index: ("moe_layers", i, ...) for
       ("moe_layers", ...)[i]; values and the step's results are the same.
-    model_kw: Transformer arguments (dtype, expert_dispatch, remat); parameters are float32.
+    model_kw: Transformer arguments (dtype, expert_dispatch, remat, cast_weights_once);
+      parameters are float32.
   Returns:
     (graphdef, TrainState).
   """

@@ -1,5 +1,7 @@
 """Training options that move fewer bytes: AdamW moments stored in bf16
-(`OptimizerConfig.moment_dtype`), against optax's AdamW and through a checkpoint."""
+(`OptimizerConfig.moment_dtype`), and float32 weights cast to bf16 once per step
+(`Transformer(cast_weights_once=True)`). The first against optax's AdamW and through a checkpoint;
+the second bit for bit against the per-use casts (scanned, unstacked, expert-parallel, FP8)."""
 
 import dataclasses
 
@@ -8,11 +10,13 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from flax import nnx
 
 from conftest import fixture_path
-from dsv3_jax import load_config
-from dsv3_jax.train_step import (OptimizerConfig, init_train_state, lr_schedule, make_optimizer,
-                                 make_train_step)
+from dsv3_jax import Transformer, load_config
+from dsv3_jax.model import cast_product_weights
+from dsv3_jax.train_step import (Objective, OptimizerConfig, init_train_state, loss_fn,
+                                 lr_schedule, make_optimizer, make_train_step)
 
 BF16 = "bfloat16"
 
@@ -154,3 +158,116 @@ def test_bf16_moments_checkpoint_round_trip(tmp_path):
   (want, want_m), (got, got_m) = step(state, tokens), step(restored, tokens)
   _assert_trees_equal(got, want)
   assert float(got_m["loss"]) == float(want_m["loss"])
+
+
+# ---- weights cast once per step -----------------------------------------------------------
+# XLA may leave out a bf16 rounding that its result's next op undoes (xla_allow_excess_precision,
+# on by default on CPU and GPU): with per-use casts a weight gradient's product rounds to bf16
+# and is converted straight to float32, so XLA:CPU kept the float32 sum for the tiny model's
+# shared experts (scanned layers); cast once, the rounded gradient is stacked over the layers
+# first and stays rounded (≤ 1 bf16 ulp apart). The comparisons compile without that licence.
+EXACT = {"xla_allow_excess_precision": False}
+
+
+def _value_and_grad(graphdef, state, tokens):
+  f = jax.jit(jax.value_and_grad(loss_fn, has_aux=True), static_argnums=(2, 4))
+  compiled = f.lower(state.params, state.biases, graphdef, tokens, Objective()).compile(EXACT)
+  (loss, (metrics, _)), grads = compiled(state.params, state.biases, tokens)
+  return loss, metrics, grads
+
+
+def _both(cfg, tokens, **kw):
+  """(loss, metrics, grads) with per-use casts, then with weights cast once."""
+  out = []
+  for once in (False, True):
+    graphdef, state = init_train_state(cfg, OptimizerConfig(), seed=1, dtype=jnp.bfloat16,
+                                       cast_weights_once=once, **kw)
+    out.append(_value_and_grad(graphdef, state, tokens))
+  return out
+
+
+@pytest.mark.parametrize("unstack", [False, True], ids=["scanned", "unstacked"])
+def test_cast_weights_once_is_bit_identical(unstack):
+  """bf16 compute with remat ("dots"): the same loss, metrics and float32 gradients, bit for
+  bit, when the layers' and MTP block's weights are cast once instead of at every use."""
+  cfg = _cfg()
+  tokens = jax.random.randint(jax.random.key(7), (4, 17), 0, cfg.vocab_size)
+  (loss, metrics, grads), (loss1, metrics1, grads1) = _both(
+      cfg, tokens, unstack_layers=unstack, remat="dots_with_no_batch_dims_saveable")
+  assert np.isfinite(float(loss)) and float(loss) > 1.0
+  _assert_trees_equal(metrics1, metrics)
+  _assert_trees_equal(grads1, grads)
+  assert {x.dtype for x in jax.tree.leaves(grads1)} == {jnp.dtype(jnp.float32)}
+
+
+def _cast_paths(module) -> set[str]:
+  """'/'-joined paths of the parameters that cast_product_weights turns into bf16."""
+  _, state = nnx.split(cast_product_weights(module, jnp.bfloat16))
+  return {"/".join(map(str, p)) for p, v in nnx.to_flat_state(state)
+          if v.get_value().dtype == jnp.bfloat16}
+
+
+def test_cast_weights_once_selection():
+  """What is cast: every Linear and routed-expert weight of the decoder layers and the MTP
+  block; never norms, the router, the correction biases (float32 compute); nothing under the
+  FP8 training recipe but the MTP block's bf16 eh_proj; not the experts of a multi-device
+  ExpertParallel (its transpose would sum their gradients in bf16 where it sums float32)."""
+  from dsv3_jax.expert_parallel import ExpertParallel
+  from dsv3_jax.sharding import make_mesh
+
+  cfg = _cfg(n_routed_experts=8, n_group=4, topk_group=2)
+  model = Transformer(cfg, rngs=nnx.Rngs(0), dtype=jnp.bfloat16)
+  moe = _cast_paths(model.moe_layers)
+  attn = {f"self_attn/{n}/weight" for n in ("q_a_proj", "q_b_proj", "kv_a_proj_with_mqa",
+                                              "kv_b_proj", "o_proj")}
+  shared = {f"mlp/shared_experts/{n}/weight" for n in ("gate_proj", "up_proj", "down_proj")}
+  experts = {f"mlp/experts/{n}" for n in ("gate_proj", "up_proj", "down_proj")}
+  assert moe == attn | shared | experts
+  assert _cast_paths(model.dense_layers) == attn | {
+      f"mlp/{n}/weight" for n in ("gate_proj", "up_proj", "down_proj")}
+  assert _cast_paths(model.mtp[0]) == {"eh_proj/weight"} | {
+      f"block/{p}" for p in attn | shared | experts}
+  assert cast_product_weights(model.moe_layers, jnp.float32) is model.moe_layers
+
+  fp8 = Transformer(cfg, rngs=nnx.Rngs(0), dtype=jnp.bfloat16, fp8_training=True,
+                    fp8_backend="xla")
+  assert _cast_paths(fp8.moe_layers) == set()
+  assert _cast_paths(fp8.mtp[0]) == {"eh_proj/weight"}
+
+  ep = Transformer(cfg, rngs=nnx.Rngs(0), dtype=jnp.bfloat16,
+                   expert_dispatch=ExpertParallel(make_mesh(data=2, expert=4)))
+  assert _cast_paths(ep.moe_layers) == attn | shared
+  one = Transformer(cfg, rngs=nnx.Rngs(0), dtype=jnp.bfloat16,
+                    expert_dispatch=ExpertParallel(make_mesh(devices=jax.devices()[:1])))
+  assert _cast_paths(one.moe_layers) == moe
+
+
+@pytest.mark.parametrize("backend", ["xla", "mosaic"])
+def test_cast_weights_once_expert_parallel_is_bit_identical(backend):
+  """On a data=2 × expert=4 mesh, with the XLA products under shard_map's check_vma and
+  (`mosaic`, interpreted on the CPU: the XLA products again, but check_vma off as for the
+  kernels) without it: the same loss and gradients bit for bit. Casting the experts too would
+  fail the second: its transpose would sum their data-parallel gradients in bf16."""
+  from dsv3_jax.expert_parallel import ExpertParallel
+  from dsv3_jax.sharding import batch_sharding, make_mesh
+
+  cfg = _cfg(n_routed_experts=8, n_group=4, topk_group=2)
+  mesh = make_mesh(data=2, expert=4)
+  tokens = jax.device_put(jax.random.randint(jax.random.key(7), (8, 13), 0, cfg.vocab_size),
+                          batch_sharding(mesh))
+  (loss, _, grads), (loss1, _, grads1) = _both(
+      cfg, tokens, mesh=mesh, expert_dispatch=ExpertParallel(mesh), fp8_backend=backend)
+  assert float(loss1) == float(loss)
+  _assert_trees_equal(grads1, grads)
+
+
+def test_cast_weights_once_leaves_fp8_training_alone():
+  """Under the FP8 training recipe (float32 emulation) the projections quantize their float32
+  masters as before: loss and gradients bit for bit (only the MTP block's bf16 eh_proj is
+  cast)."""
+  cfg = _cfg()
+  tokens = jax.random.randint(jax.random.key(7), (2, 13), 0, cfg.vocab_size)
+  (loss, _, grads), (loss1, _, grads1) = _both(cfg, tokens, fp8_training=True,
+                                               fp8_backend="xla")
+  assert float(loss1) == float(loss)
+  _assert_trees_equal(grads1, grads)
