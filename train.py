@@ -50,6 +50,11 @@ def parse_args(argv=None):
   o.add_argument("--b1", type=float, default=0.9)
   o.add_argument("--b2", type=float, default=0.95)
   o.add_argument("--clip", type=float, default=1.0, help="global gradient-norm clip")
+  o.add_argument("--adam-moments", choices=["float32", "bfloat16"], default="float32",
+                 help="storage of AdamW's first and second moments: bfloat16 halves the "
+                      "optimizer state and the bytes each update reads and writes, as in the "
+                      "DeepSeek-V3 report (§3.3.3); the update is computed in float32 either "
+                      "way. A resumed run converts the saved moments to this setting")
   o.add_argument("--mtp-lambda", type=float, default=0.3, help="MTP loss weight λ")
   o.add_argument("--balance-alpha", type=float, default=1e-4,
                  help="sequence-wise balance loss weight α")
@@ -260,7 +265,8 @@ def main(argv=None) -> int:
   # ---- model, optimizer, state ------------------------------------------------------------
   oc = OptimizerConfig(lr=args.lr, warmup_steps=args.warmup, total_steps=args.steps,
                        min_lr_ratio=args.min_lr_ratio, b1=args.b1, b2=args.b2,
-                       weight_decay=args.weight_decay, clip_norm=args.clip)
+                       weight_decay=args.weight_decay, clip_norm=args.clip,
+                       moment_dtype=args.adam_moments)
   obj = Objective(mtp_lambda=args.mtp_lambda, balance_alpha=args.balance_alpha,
                   bias_gamma=args.bias_gamma)
   dispatch = None

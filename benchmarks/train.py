@@ -1,7 +1,7 @@
 """Training throughput (tokens/s) and MFU of the full train step (forward, backward, AdamW,
 bias update) for a ~1B-parameter DeepSeek-style config, over random tokens.
 
-A variant is `dispatch/attention[/remat][/bBATCH][/unstacked]`:
+A variant is `dispatch/attention[/remat][/bBATCH][/unstacked][/bf16adam][/castonce]`:
   dispatch   capacity: expert buckets of ceil(1.25·M·K/E) rows (ExpertParallel, one batched
              matmul); dropless: the model's sorted dispatch into moe.grouped_matmul (on Hopper
              the Mosaic grouped matmul of pallas_kernels.ragged_dot_hopper, else ragged_dot)
@@ -16,11 +16,16 @@ A variant is `dispatch/attention[/remat][/bBATCH][/unstacked]`:
              unrolled instead of under lax.scan: no slicing of stacked weights and no stacking
              of residuals and weight gradients into [L] buffers; longer compile. Default:
              scanned. The record's `unstacked_layers` says which.
+  bf16adam   AdamW's moments stored in bf16 (OptimizerConfig.moment_dtype; update in float32,
+             as in the DeepSeek-V3 report); record: `adam_moments`
+  castonce   the float32 weights of the layers' and MTP block's bf16 products cast once per
+             step, before the layer loop, not at each use and again in remat's recomputation
+             (Transformer(cast_weights_once=True); bit-identical); record: `cast_weights_once`
 MFU = tokens/s × FLOPs/token (dsv3_jax.flops: 6·active matmul params + causal attention) / peak;
 rematerialised work is not counted.
 
   python benchmarks/train.py [--config configs/bench_1b.json] [--batch 8] [--seq-len 2048] \\
-      [--variants capacity/cudnn/full,dropless/cudnn/dots/b16/unstacked] [--json out.jsonl]
+      [--variants capacity/cudnn/full,dropless/cudnn/dots/b16/bf16adam/castonce] [--json out.jsonl]
 """
 
 from __future__ import annotations
@@ -58,33 +63,40 @@ class Variant:
   remat: str | None      # a jax.checkpoint_policies name, or None
   batch: int
   unstacked: bool
+  bf16_adam: bool
+  cast_once: bool
+
+
+FLAGS = ("unstacked", "bf16adam", "castonce")
 
 
 def parse_variant(name: str, args) -> Variant:
-  """`dispatch/attention[/remat][/bBATCH][/unstacked]`, options after the first two in any
-  order; remat and batch default to --remat and --batch."""
-  usage = "expected capacity|dropless/cudnn|cudnn_mla|einsum[/remat][/bN][/unstacked]"
+  """`dispatch/attention[/remat][/bBATCH][/unstacked][/bf16adam][/castonce]`, options after
+  the first two in any order; remat and batch default to --remat and --batch."""
+  usage = (f"expected capacity|dropless/cudnn|cudnn_mla|einsum[/remat][/bN]"
+           f"[/{'][/'.join(FLAGS)}]")
   parts = name.split("/")
   if len(parts) < 2 or parts[0] not in ("capacity", "dropless") or (
       parts[1] not in ("cudnn", "cudnn_mla", "einsum")):
     raise ValueError(f"variant {name!r}: {usage}")
-  remat, batch, unstacked = [], [], []
-  for part in parts[2:]:
-    (unstacked if part == "unstacked" else batch if re.fullmatch(r"b\d+", part)
-     else remat).append(part)
-  if len(remat) > 1 or len(batch) > 1 or len(unstacked) > 1:
+  options = parts[2:]
+  remat = [p for p in options if p not in FLAGS and not re.fullmatch(r"b\d+", p)]
+  batch = [p for p in options if re.fullmatch(r"b\d+", p)]
+  if len(remat) > 1 or len(batch) > 1 or len(set(options)) < len(options):
     raise ValueError(f"variant {name!r}: an option is given twice; {usage}")
   remat = remat[0] if remat else args.remat
   return Variant(dispatch=parts[0], attention=parts[1], remat=REMAT.get(remat, remat),
-                 batch=int(batch[0][1:]) if batch else args.batch, unstacked=bool(unstacked))
+                 batch=int(batch[0][1:]) if batch else args.batch,
+                 unstacked="unstacked" in options, bf16_adam="bf16adam" in options,
+                 cast_once="castonce" in options)
 
 
 def time_train_step(cfg, mesh, *, batch: int, seq_len: int, steps: int, warmup: int,
-                    **model_kw):
-  """Builds the train state and step (model_kw: init_train_state's keyword arguments),
-  runs it on 4 rotating random batches: (step, state, batches, last metrics, compile + first
-  step seconds, seconds per timed step)."""
-  oc = OptimizerConfig(lr=1e-4, warmup_steps=10, total_steps=1000)
+                    moment_dtype: str = "float32", **model_kw):
+  """Builds the train state and step (model_kw: init_train_state's keyword arguments;
+  moment_dtype: AdamW's), runs it on 4 rotating random batches: (step, state, batches, last
+  metrics, compile + first step seconds, seconds per timed step)."""
+  oc = OptimizerConfig(lr=1e-4, warmup_steps=10, total_steps=1000, moment_dtype=moment_dtype)
   t0 = time.perf_counter()
   graphdef, state = init_train_state(cfg, oc, seed=0, mesh=mesh, dtype=jnp.bfloat16, **model_kw)
   step = make_train_step(graphdef, oc, shardings=state_shardings(state))
@@ -112,7 +124,8 @@ def run_variant(cfg, name: str, args, mesh) -> dict:
   step, state, batches, m, compile_s, dt = time_train_step(
       cfg, mesh, batch=batch, seq_len=args.seq_len, steps=args.steps, warmup=args.warmup,
       expert_dispatch=dispatch, remat=v.remat, unstack_layers=v.unstacked,
-      attn_impl=None if v.attention == "einsum" else v.attention)
+      attn_impl=None if v.attention == "einsum" else v.attention,
+      moment_dtype="bfloat16" if v.bf16_adam else "float32", cast_weights_once=v.cast_once)
   trace = None
   if args.profile:  # two more steps under the profiler, summarized by benchmarks/trace_summary.py
     from benchmarks.trace_summary import find_trace
@@ -129,6 +142,8 @@ def run_variant(cfg, name: str, args, mesh) -> dict:
   peak = peak_flops(jax.devices()[0].device_kind)
   mem = (jax.devices()[0].memory_stats() or {}).get("peak_bytes_in_use")
   return {"variant": name, "remat": v.remat, "batch": batch, "unstacked_layers": v.unstacked,
+          "adam_moments": "bfloat16" if v.bf16_adam else "float32",
+          "cast_weights_once": v.cast_once,
           "step_ms": dt * 1e3,
           "tokens_per_s": tokens / dt,
           "tflops_per_s": flops / 1e12, "mfu": flops / (peak * mesh.size) if peak else None,
@@ -146,9 +161,9 @@ def main():
   ap.add_argument("--steps", type=int, default=10, help="timed steps")
   ap.add_argument("--warmup", type=int, default=2, help="untimed steps after compiling")
   ap.add_argument("--variants", default="capacity/cudnn,dropless/cudnn,capacity/einsum",
-                  help="comma-separated dispatch/attention[/remat][/bBATCH][/unstacked], e.g. "
-                  "dropless/cudnn/dots/b16,dropless/cudnn/dots/b16/unstacked (unstacked: "
-                  "layers with arrays of their own, unrolled instead of scanned; see above)")
+                  help="comma-separated dispatch/attention[/remat][/bBATCH][/unstacked]"
+                  "[/bf16adam][/castonce], e.g. dropless/cudnn/dots/b16,"
+                  "dropless/cudnn/dots/b16/bf16adam/castonce (see above)")
   ap.add_argument("--capacity-factor", type=float, default=1.25)
   ap.add_argument("--remat", help="default remat of the variants: full, dots, none or a "
                   "jax.checkpoint_policies name (default: none)")
@@ -185,6 +200,8 @@ def main():
       traceback.print_exc(limit=3)
     rec.setdefault("batch", args.batch)
     rec.setdefault("unstacked_layers", "unstacked" in name.split("/")[2:])
+    rec.setdefault("adam_moments", "bfloat16" if "bf16adam" in name.split("/")[2:] else "float32")
+    rec.setdefault("cast_weights_once", "castonce" in name.split("/")[2:])
     rec.update(device=dev.device_kind, devices=jax.device_count(), seq_len=args.seq_len,
                config=args.config)
     if args.json:

@@ -23,7 +23,7 @@ from dsv3_jax.cache import Cache, LayerCache
 from dsv3_jax.config import ModelConfig
 from dsv3_jax.layers import Embed, Linear, RMSNorm
 from dsv3_jax.mla import MLA, AttnMode
-from dsv3_jax.moe import GEMV_WEIGHTS, MLP, LayerOfStack, MoE
+from dsv3_jax.moe import GEMV_WEIGHTS, MLP, Experts, LayerOfStack, MoE
 from dsv3_jax.remat import policy as remat_policy
 from pallas_kernels.fp8_ops import Fp8Backend, resolve_backend
 
@@ -72,7 +72,8 @@ def _stack(n: int, make: Callable[[nnx.Rngs], nnx.Module], rngs: nnx.Rngs) -> nn
 
 
 def scan_layers(layers: nnx.Module | nnx.List, x, positions, cache: LayerCache | None,
-                mode: AttnMode, *, with_aux: bool = False, remat: str | None = None):
+                mode: AttnMode, *, with_aux: bool = False, remat: str | None = None,
+                cast_to=None):
   """Applies a group of DecoderLayers: a stacked module with lax.scan over its leading axis, or
   an nnx.List of layers with their own arrays (`Transformer.unstack_layers`) one after another.
 
@@ -86,9 +87,13 @@ def scan_layers(layers: nnx.Module | nnx.List, x, positions, cache: LayerCache |
     remat: rematerialise each layer in the backward pass with this policy (`remat.policy`:
       a `jax.checkpoint_policies` name such as "nothing_saveable", or "dots_and_kernels");
       None saves every activation.
+    cast_to: cast the weights of the layers' 16-bit products to this dtype once, before the
+      loop and outside remat (`cast_product_weights`); None: each product casts its own.
   Returns:
     (x [B, T, D], the updated stacked cache or None), plus the stats with `with_aux`.
   """
+  if cast_to is not None:
+    layers = cast_product_weights(layers, cast_to)
 
   def make_body(graphdef):
     def body(carry, inputs):
@@ -122,6 +127,42 @@ def scan_layers(layers: nnx.Module | nnx.List, x, positions, cache: LayerCache |
     n = jax.tree.leaves(state)[0].shape[0]
     (x, cache), stats = jax.lax.scan(make_body(graphdef), (x, cache), (state, jnp.arange(n)))
   return ((x, cache, stats) if with_aux else (x, cache))
+
+
+def cast_product_weights(module: nnx.Module, dtype) -> nnx.Module:
+  """A copy of `module` whose `Linear` and routed-expert weights are already in `dtype` (the
+  compute dtype their products cast them to), i.e. one cast per array instead of one per use.
+
+  For training with float32 masters (`Transformer(cast_weights_once=True)`): applied to the
+  decoder stacks and MTP blocks before their loop, the forward pass, the remat recomputation
+  and the backward pass read 16-bit weights, and each weight's gradient leaves through this
+  one cast. Bit-identical when every weight so cast is used once per step (true of these
+  modules): its cotangent is then one `dtype` value either way; a weight used twice would
+  have its 16-bit cotangents summed in `dtype` instead of float32, so the shared embedding and
+  head are never passed here. FP8 weights are left alone: e4m3 storage, and the FP8 training
+  recipe, which quantizes from the float32 master (`fp8_backend.training`). Norms and the
+  router compute in float32 and keep their weights. So do the routed experts of a dispatch over
+  several devices (expert_parallel.ExpertParallel): shard_map's transpose sums the gradients of
+  weights replicated over its batch axes in the dtype they enter with, float32 today where
+  check_vma is off (kernel backends).
+  """
+  if jnp.dtype(dtype) == jnp.float32:
+    return module
+  paths, kept = set(), set()
+  for path, node in nnx.iter_graph(module):
+    if isinstance(node, Linear) and node.weight_scale_inv is None and not (
+        node.fp8_backend.training):
+      paths.add((*path, "weight"))
+    if isinstance(node, Experts) and node.gate_proj_scale_inv is None and not (
+        node.fp8_backend.training):
+      paths |= {(*path, name) for name in ("gate_proj", "up_proj", "down_proj")}
+    if isinstance(node, MoE) and getattr(getattr(node.dispatch, "mesh", None), "size", 1) > 1:
+      kept.add((*path, "experts"))
+  graphdef, state = nnx.split(module)
+  cast = lambda p: tuple(p) in paths and tuple(p[:-1]) not in kept
+  flat = [(p, v.replace(value=v.get_value().astype(dtype)) if cast(p) else v)
+          for p, v in nnx.to_flat_state(state)]
+  return nnx.merge(graphdef, nnx.from_flat_state(flat))
 
 
 def _whole_in_place(layers: nnx.Module, rows: int, dtype) -> set[tuple]:
@@ -235,16 +276,22 @@ class Transformer(nnx.Module):
       `jax.checkpoint_policies` name or "dots_and_kernels"); None: off.
     attn_impl: the full-form attention of every layer (see mla.MLA; "cudnn" for training on
       NVIDIA GPUs); None: the einsum form.
+    cast_weights_once: (training with float32 masters and a 16-bit `dtype`) cast the weights of
+      the decoder layers' and MTP blocks' products to `dtype` once per call, before their loop
+      and outside remat, instead of at every use (`cast_product_weights`; bit-identical). The
+      embedding and head, shared with the MTP blocks, keep their per-use casts.
   """
 
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, param_dtype=jnp.float32,
                dtype=jnp.float32, fp8: bool | None = None, fp8_backend: str = "auto",
                fp8_training: bool = False,
-               expert_dispatch=None, remat: str | None = None, attn_impl: str | None = None):
+               expert_dispatch=None, remat: str | None = None, attn_impl: str | None = None,
+               cast_weights_once: bool = False):
     fp8 = cfg.fp8 if fp8 is None else fp8
     self.cfg = cfg
     self.dtype = dtype
     self.remat = remat
+    self.cast_weights_once = cast_weights_once
     if fp8 and fp8_training:
       raise ValueError("fp8=True (e4m3 weights, inference) and fp8_training=True (the training "
                        "recipe over high-precision weights) exclude each other")
@@ -342,7 +389,8 @@ class Transformer(nnx.Module):
       positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
     x = self.embed(tokens)
     new_dense = new_moe = stats = None
-    run = dict(with_aux=with_aux, remat=self.remat)
+    run = dict(with_aux=with_aux, remat=self.remat,
+               cast_to=self.dtype if self.cast_weights_once else None)
     if self.dense_layers is not None:
       x, new_dense, *_ = scan_layers(self.dense_layers, x, positions,
                                      None if cache is None else cache.dense, mode, **run)
@@ -375,6 +423,8 @@ class Transformer(nnx.Module):
           raise ValueError(f"MTP depth {k} needs sequences longer than {k} tokens, got {t}")
         out.append(jnp.zeros((b, 0, self.cfg.vocab_size), jnp.float32))
         continue
+      if self.cast_weights_once:
+        layer = cast_product_weights(layer, self.dtype)
       h, _, *aux = layer(h[:, :-1], self.embed(tokens[:, k:]), positions[:, :-k],
                          with_aux=with_aux)
       stats += aux

@@ -7,7 +7,9 @@
 Loss = CE(next token) + λ/D·Σ_k CE_k (MTP, depth D) + α·Σ_layers Σ_i f_i·P_i (sequence-wise
 balance). After the update every MoE layer's correction bias moves by γ·sign(mean load −
 load_i), outside the gradient. Parameters are float32 masters; the model computes in bf16
-(weights are cast where they are used; routing, norms and softmax stay float32).
+(weights are cast where they are used, or once per step with `cast_weights_once`; routing,
+norms and softmax stay float32). AdamW's moments are float32 or bf16
+(`OptimizerConfig.moment_dtype`).
 """
 
 from __future__ import annotations
@@ -39,7 +41,11 @@ class Objective:
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class OptimizerConfig:
-  """AdamW, linear warmup to `lr` then cosine decay to lr·min_lr_ratio at total_steps."""
+  """AdamW, linear warmup to `lr` then cosine decay to lr·min_lr_ratio at total_steps.
+
+  moment_dtype: storage of AdamW's first and second moments, "float32" or "bfloat16" (half the
+  optimizer state; the update is computed in float32 either way, see `stored_in`).
+  """
 
   lr: float = 3e-4
   warmup_steps: int = 100
@@ -50,6 +56,7 @@ class OptimizerConfig:
   eps: float = 1e-8
   weight_decay: float = 0.1
   clip_norm: float = 1.0
+  moment_dtype: str = "float32"  # "bfloat16" as in the DeepSeek-V3 report, §3.3.3
 
 
 def lr_schedule(oc: OptimizerConfig) -> optax.Schedule:
@@ -68,15 +75,39 @@ def _is_matrix(var) -> bool:
   return var.get_value().ndim - (axes[:1] == ("layers",)) >= 2
 
 
+def stored_in(dtype, inner: optax.GradientTransformation) -> optax.GradientTransformation:
+  """`inner` with the floating-point arrays of its state stored in `dtype`: every update reads
+  them as float32, runs `inner` on those and rounds its new state to `dtype` once. For AdamW
+  that is the moments mu and nu (its counts are integers); the arithmetic stays float32.
+
+  (optax.adamw(mu_dtype=bfloat16) covers mu only, and computes b1·mu in bfloat16 before adding
+  the float32 gradient term: one more rounding per step.)
+  """
+  cast = lambda tree, to: jax.tree.map(
+      lambda x: x.astype(to) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)
+
+  def update(updates, state, params=None):
+    updates, state = inner.update(updates, cast(state, jnp.float32), params)
+    return updates, cast(state, dtype)
+
+  return optax.GradientTransformation(lambda params: cast(inner.init(params), dtype), update)
+
+
 def make_optimizer(oc: OptimizerConfig) -> optax.GradientTransformation:
-  """Global-norm clipping, then AdamW; weight decay on matrices only (not norms)."""
+  """Global-norm clipping, then AdamW; weight decay on matrices only (not norms); moments
+  stored in `oc.moment_dtype` (float32: optax's AdamW as it is)."""
   is_var = lambda x: isinstance(x, nnx.Variable)
   decay_mask = lambda params: jax.tree.map(
       lambda v: v.replace(_is_matrix(v)) if is_var(v) else _is_matrix(v), params, is_leaf=is_var)
-  return optax.chain(
-      optax.clip_by_global_norm(oc.clip_norm),
-      optax.adamw(lr_schedule(oc), b1=oc.b1, b2=oc.b2, eps=oc.eps,
-                  weight_decay=oc.weight_decay, mask=decay_mask))
+  adamw = optax.adamw(lr_schedule(oc), b1=oc.b1, b2=oc.b2, eps=oc.eps,
+                      weight_decay=oc.weight_decay, mask=decay_mask)
+  dtype = jnp.dtype(oc.moment_dtype)
+  if dtype not in (jnp.float32, jnp.bfloat16):
+    raise ValueError(f"OptimizerConfig.moment_dtype={oc.moment_dtype!r} must be 'float32' or "
+                     "'bfloat16'")
+  if dtype != jnp.float32:
+    adamw = stored_in(dtype, adamw)
+  return optax.chain(optax.clip_by_global_norm(oc.clip_norm), adamw)
 
 
 @jax.tree_util.register_dataclass
@@ -86,8 +117,8 @@ class TrainState:
 
   step: [] int32. params: float32 trainable parameters (nnx.State). biases: the MoE correction
   biases (nnx.State; moved by the balancing rule, never by the optimizer). opt_state: optax
-  state. rng: [2] uint32 key, split every step (kept for stochastic objectives; the current
-  objective draws nothing from it).
+  state (AdamW's moments in OptimizerConfig.moment_dtype). rng: [2] uint32 key, split every
+  step (kept for stochastic objectives; the current objective draws nothing from it).
   """
 
   step: jax.Array
@@ -120,7 +151,8 @@ def init_train_state(cfg: ModelConfig, oc: OptimizerConfig, *, seed: int = 0,
       of the stacks, no stacking of residuals and weight gradients; compile time grows with
       depth). Parameter paths gain the layer index: ("moe_layers", i, ...) for
       ("moe_layers", ...)[i]; values and the step's results are the same.
-    model_kw: Transformer arguments (dtype, expert_dispatch, remat); parameters are float32.
+    model_kw: Transformer arguments (dtype, expert_dispatch, remat, cast_weights_once);
+      parameters are float32.
   Returns:
     (graphdef, TrainState).
   """

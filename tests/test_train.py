@@ -340,6 +340,33 @@ def test_kill_and_resume_reproduces_the_loss_sequence(run_setup, tmp_path):
   assert again.returncode != 0 and "--resume" in again.stderr
 
 
+def test_resume_with_bf16_adam_moments(run_setup, tmp_path):
+  """--adam-moments bfloat16: the checkpoints hold bf16 moments, and a run resumed from an
+  earlier one (the last removed) redoes the remaining steps with the same losses."""
+  import shutil
+
+  import orbax.checkpoint as ocp
+
+  env, out = _env(run_setup), tmp_path / "bf16"
+  args = ("--steps", "6", "--ckpt-every", "3", "--sync-save", "--adam-moments", "bfloat16")
+  first = subprocess.run(_train_cmd(run_setup, out, *args), env=env, cwd=REPO,
+                         capture_output=True, text=True, timeout=300)
+  assert first.returncode == 0, first.stderr[-3000:]
+  saved = ocp.StandardCheckpointer().metadata(str(out / "ckpt" / "6" / "state")).item_metadata
+  dtypes = {str(leaf.dtype) for path, leaf in jax.tree.leaves_with_path(saved.tree)
+            if "'mu'" in jax.tree_util.keystr(path) or "'nu'" in jax.tree_util.keystr(path)}
+  assert dtypes == {"bfloat16"}
+  shutil.rmtree(out / "ckpt" / "6")
+  resumed = subprocess.run(_train_cmd(run_setup, out, *args, "--resume"), env=env, cwd=REPO,
+                           capture_output=True, text=True, timeout=300)
+  assert resumed.returncode == 0, resumed.stderr[-3000:]
+  assert "resumed from step 3" in resumed.stdout
+  got = _losses(out)
+  assert sorted(got) == list(range(1, 7))
+  for step in range(4, 7):
+    assert len(got[step]) == 2 and got[step][0] == got[step][1], (step, got[step])
+
+
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(run_setup, tmp_path):
   out = tmp_path / "nan"
   r = subprocess.run(_train_cmd(run_setup, out, "--steps", "6", "--ckpt-every", "1",
