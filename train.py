@@ -82,7 +82,8 @@ def parse_args(argv=None):
                  default="auto",
                  help="training attention: einsum (mla.py's form), xla or cudnn "
                       "(jax.nn.dot_product_attention), cudnn_mla (cuDNN with the value head dim "
-                      "unpadded; cuDNN >= 9.10, Hopper+); auto = cudnn on NVIDIA GPUs, else einsum")
+                      "unpadded; cuDNN >= 9.10, Hopper+); auto = cudnn_mla where it runs, else cudnn "
+                      "on NVIDIA GPUs, else einsum")
   m.add_argument("--mesh", default="", help="mesh axis sizes, e.g. 'data=2,expert=4' "
                                             "(default: data = every device)")
   m.add_argument("--capacity-factor", type=float,
@@ -217,6 +218,7 @@ def main(argv=None) -> int:
   from dsv3_jax.config import load_config
   from dsv3_jax.expert_parallel import ExpertParallel
   from dsv3_jax.flops import peak_flops, train_flops_per_token
+  from dsv3_jax.mla import default_training_attention
   from dsv3_jax.sharding import batch_sharding, make_mesh, parse_mesh
   from dsv3_jax.train_ckpt import TrainCheckpointer
   from dsv3_jax.train_step import (Objective, OptimizerConfig, init_train_state,
@@ -280,7 +282,7 @@ def main(argv=None) -> int:
                      "continue it, or choose another --out")
   attn = args.attn_impl
   if attn == "auto":
-    attn = "cudnn" if jax.devices()[0].platform == "gpu" else "einsum"
+    attn = default_training_attention() or "einsum"
   graphdef, state = init_train_state(cfg, oc, seed=args.seed, mesh=mesh, dtype=args.dtype,
                                      expert_dispatch=dispatch, remat=args.remat,
                                      attn_impl=None if attn == "einsum" else attn,

@@ -30,6 +30,22 @@ _NEG_INF = -1e30  # finite: a row with no visible key (padding) stays NaN-free
 ATTN_IMPLS = (None, "xla", "cudnn", "cudnn_mla")
 
 
+def default_training_attention() -> str | None:
+  """The fastest training attention this machine has: "cudnn_mla" on NVIDIA GPUs of compute
+  capability ≥ 9.0 with cuDNN ≥ 9.10 (bench_1b on the H100: 263.4 → 248.3 ms per step against
+  "cudnn", docs/benchmarks.md), "cudnn" on other NVIDIA GPUs, None (the einsum form) elsewhere."""
+  dev = jax.devices()[0]
+  if dev.platform != "gpu" or "cuda" not in dev.client.platform_version.lower():
+    return None
+  try:
+    from jax._src.lib import cuda_versions
+    cudnn = cuda_versions.cudnn_get_version() if cuda_versions else 0
+    hopper = tuple(int(v) for v in dev.compute_capability.split(".")) >= (9, 0)
+  except Exception:  # noqa: BLE001 - an older/newer JAX without these internals
+    return "cudnn"
+  return "cudnn_mla" if hopper and cudnn >= 91000 else "cudnn"
+
+
 class MLA(nnx.Module):
   """Attention block. Parameter names follow the checkpoint (`self_attn.*`).
 

@@ -412,6 +412,9 @@ def test_fused_attention_option_matches_einsum_form():
   assert np.abs(want).max() > 0.1
   with pytest.raises(ValueError, match="attn_impl.*cudnn_mla"):
     Transformer(cfg, rngs=nnx.Rngs(0), attn_impl="flash")
+  from dsv3_jax.mla import default_training_attention
+  if jax.devices()[0].platform == "cpu":   # train.py --attn-impl auto: the einsum form here
+    assert default_training_attention() is None
 
 
 @pytest.mark.skipif(jax.devices()[0].platform != "gpu", reason="cuDNN fused attention")
