@@ -18,13 +18,15 @@ from flax import nnx
 
 from dsv3_jax.checkpoint import hf_tensor_table
 from dsv3_jax.config import ModelConfig
+from dsv3_jax.model import restacked_arrays
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "generation_config.json")
 
 
 def hf_tensors(cfg: ModelConfig, state: nnx.State, dtype=jnp.bfloat16) -> dict[str, np.ndarray]:
-  """Checkpoint name → host array, from a model's full (non-FP8) parameter state."""
-  flat = {path: var.get_value() for path, var in nnx.to_flat_state(state)}
+  """Checkpoint name → host array, from a model's full (non-FP8) parameter state, with scanned
+  layer stacks or unstacked layers (`Transformer.unstack_layers`)."""
+  flat = restacked_arrays(state)
   if any(p[-1].endswith("scale_inv") for p in flat):
     raise ValueError("exporting FP8 (e4m3 + block scales) parameters is not supported: export "
                      "a model with float parameters")

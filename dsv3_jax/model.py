@@ -29,6 +29,8 @@ from pallas_kernels.fp8_ops import Fp8Backend, resolve_backend
 
 log = logging.getLogger(__name__)
 
+STACKS = ("dense_layers", "moe_layers")  # the Transformer's scanned layer groups
+
 
 class DecoderLayer(nnx.Module):
   """Pre-norm block: x + attn(norm(x)), then h + mlp(norm(h)). x: [B, T, D] → [B, T, D]."""
@@ -222,6 +224,29 @@ def _unstack(stacked: nnx.Module, free: bool) -> nnx.List:
                    for leaves in per_layer])
 
 
+def restacked_arrays(state: nnx.State) -> dict[tuple, jax.Array]:
+  """{path: array} of a model state in the scanned layout, whichever layout it has: the layers
+  of `Transformer.unstack_layers` are stacked back under the scanned paths, ("moe_layers", i,
+  *rest) → index i of ("moe_layers", *rest); other paths are unchanged. For exporting and
+  comparing states (the arrays are stacked with jnp.stack, on the device they live on).
+
+  Raises:
+    ValueError: if a stack's unstacked layers are not numbered 0..n-1.
+  """
+  out, layers = {}, {}
+  for path, var in nnx.to_flat_state(state):
+    if path[0] in STACKS and len(path) > 1 and isinstance(path[1], int):
+      layers.setdefault((path[0], *path[2:]), {})[path[1]] = var.get_value()
+    else:
+      out[path] = var.get_value()
+  for path, by_index in layers.items():
+    if sorted(by_index) != list(range(len(by_index))):
+      raise ValueError(f"{'/'.join(map(str, path))}: unstacked layers {sorted(by_index)} are "
+                       f"not numbered 0..{len(by_index) - 1}")
+    out[path] = jnp.stack([by_index[i] for i in range(len(by_index))])
+  return out
+
+
 class MTPLayer(nnx.Module):
   """One multi-token-prediction module (checkpoint layer index num_hidden_layers + k).
 
@@ -359,7 +384,7 @@ class Transformer(nnx.Module):
     Returns:
       self, changed in place.
     """
-    for name in ("dense_layers", "moe_layers"):
+    for name in STACKS:
       layers = getattr(self, name)
       if layers is not None and not isinstance(layers, nnx.List):
         setattr(self, name, _unstack(layers, free))

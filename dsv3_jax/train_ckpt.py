@@ -45,6 +45,14 @@ class TrainCheckpointer:
                               meta=ocp.args.JsonSave(meta))
     return self.manager.save(step, args=args, force=force)
 
+  def meta(self, step: int | None = None) -> dict[str, Any]:
+    """The JSON record saved with `step` (default: the latest), without reading the arrays."""
+    step = self.latest_step() if step is None else step
+    if step is None:
+      raise FileNotFoundError(f"no checkpoint in {self.directory}")
+    out = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+    return dict(out["meta"])
+
   def restore(self, like: TrainState, step: int | None = None
               ) -> tuple[TrainState, dict[str, Any]]:
     """Restores `step` (default: the latest) into the shapes, dtypes and shardings of `like`."""

@@ -19,6 +19,7 @@ from conftest import REPO, fixture_path
 from dsv3_jax import core, from_hf_pretrained, load_config
 from dsv3_jax.balance import bias_delta, sequence_balance_loss, update_biases
 from dsv3_jax.expert_parallel import ExpertParallel
+from dsv3_jax.model import restacked_arrays
 from dsv3_jax.sharding import batch_sharding, make_mesh
 from dsv3_jax.train_step import (Objective, OptimizerConfig, init_train_state, make_train_step,
                                  state_shardings)
@@ -156,19 +157,7 @@ def _flat(state: nnx.State) -> dict:
 
 
 def _restacked(state: nnx.State) -> dict:
-  """{path: array} of a state, with the layers of `unstack_layers` stacked back under the
-  scanned paths: ("moe_layers", i, *rest) → index i of ("moe_layers", *rest)."""
-  out, layers = {}, {}
-  for path, var in nnx.to_flat_state(state):
-    value = np.asarray(var.get_value())
-    if path[0] in ("dense_layers", "moe_layers") and isinstance(path[1], int):
-      layers.setdefault((path[0], *path[2:]), {})[path[1]] = value
-    else:
-      out[path] = value
-  for path, by_index in layers.items():
-    assert sorted(by_index) == list(range(len(by_index))), (path, sorted(by_index))
-    out[path] = np.stack([by_index[i] for i in range(len(by_index))])
-  return out
+  return {path: np.asarray(v) for path, v in restacked_arrays(state).items()}
 
 
 def test_unstacked_layers_step_equals_scanned():
@@ -365,6 +354,52 @@ def test_resume_with_bf16_adam_moments(run_setup, tmp_path):
   assert sorted(got) == list(range(1, 7))
   for step in range(4, 7):
     assert len(got[step]) == 2 and got[step][0] == got[step][1], (step, got[step])
+
+
+def test_unstacked_layers_through_train_py(run_setup, tmp_path):
+  """--unstack-layers --cast-weights-once: checkpoints remember the layout, a resume redoes the
+  removed steps with the same losses, resuming without the flag is refused with a message, and
+  --export writes the stacked checkpoint layout (it loads back)."""
+  import shutil
+
+  env, out = _env(run_setup), tmp_path / "unstacked"
+  args = ("--steps", "4", "--ckpt-every", "2", "--sync-save", "--unstack-layers",
+          "--cast-weights-once")
+  first = subprocess.run(_train_cmd(run_setup, out, *args, "--export", str(tmp_path / "hf")),
+                         env=env, cwd=REPO, capture_output=True, text=True, timeout=600)
+  assert first.returncode == 0, first.stderr[-3000:]
+  loaded = from_hf_pretrained(str(tmp_path / "hf"), jnp.float32)
+  assert loaded.moe_layers is not None and not isinstance(loaded.moe_layers, nnx.List)
+  shutil.rmtree(out / "ckpt" / "4")
+  scanned = subprocess.run(_train_cmd(run_setup, out, "--steps", "4", "--resume"), env=env,
+                           cwd=REPO, capture_output=True, text=True, timeout=600)
+  assert scanned.returncode != 0
+  assert "unstacked layers" in scanned.stderr and "--unstack-layers" in scanned.stderr
+  resumed = subprocess.run(_train_cmd(run_setup, out, *args, "--resume"), env=env, cwd=REPO,
+                           capture_output=True, text=True, timeout=600)
+  assert resumed.returncode == 0, resumed.stderr[-3000:]
+  assert "resumed from step 2" in resumed.stdout
+  got = _losses(out)
+  assert sorted(got) == list(range(1, 5))
+  for step in (3, 4):
+    assert len(got[step]) == 2 and got[step][0] == got[step][1], (step, got[step])
+
+
+def test_hf_export_of_unstacked_layers_equals_scanned(tmp_path):
+  """hf_tensors restacks unstacked layers: the same initial parameters in either layout give
+  the same tensors under the same names."""
+  from dsv3_jax.hf_export import hf_tensors
+
+  cfg, oc = _cfg(), OptimizerConfig()
+  tensors = []
+  for unstack in (False, True):
+    _, state = init_train_state(cfg, oc, seed=4, dtype=jnp.float32, unstack_layers=unstack)
+    tensors.append(hf_tensors(cfg, jax.device_get(nnx.merge_state(state.biases, state.params)),
+                              jnp.float32))
+  want, got = tensors
+  assert sorted(got) == sorted(want) and any(".mlp.experts." in n for n in want)
+  for name in want:
+    np.testing.assert_array_equal(got[name], want[name], err_msg=name)
 
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(run_setup, tmp_path):
