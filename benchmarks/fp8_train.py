@@ -6,7 +6,9 @@ product of E equal buckets, as the capacity dispatch runs them) at M = batch × 
 `jax.vjp` of y = x · Wᵀ → (y, dx, dW):
   bf16          the bf16 training path: x bf16, the float32 master cast to bf16, XLA dots
   fp8/<kind>    pallas_kernels.fp8_train_ops (online quantization included) on <kind> kernels;
-                experts through fp8_train_batched (mosaic: batched kernels; triton: grouped)
+                experts through fp8_train_batched (mosaic: batched kernels; triton: grouped);
+                operands quantized in one pass per operand (pallas_kernels.dual_quant)
+  fp8/<kind>/xlaquant  (--xla-quant) the same with XLA's quantization fusions
 Timing: all R calls on distinct inputs inside one jitted program (benchmarks/fp8_gemm.py's
 queued wall time), TFLOP/s over the three GEMMs (6·M·N·K).
 
@@ -74,7 +76,7 @@ def kernel_breakdown(fn, args, top: int = 8) -> list[tuple[str, float]]:
 
 
 def bench_gemm(name, m, n, k, groups, kinds, reps_sets: int, seed: int = 0,
-               breakdown: bool = False):
+               breakdown: bool = False, xla_quant: bool = False):
   keys = jax.random.split(jax.random.key(seed), 3 * reps_sets)
   sets = []
   for i in range(reps_sets):
@@ -94,7 +96,9 @@ def bench_gemm(name, m, n, k, groups, kinds, reps_sets: int, seed: int = 0,
     return (y, *pull(dy))
 
   def fp8(kind):
-    be = Fp8Backend(kind, training=True)
+    kind, _, quant = kind.partition("/")   # "<kind>/xlaquant": XLA's quantization fusions
+    be = Fp8Backend(kind, training=True, dual_quant=quant != "xlaquant",
+                    interpret=jax.devices()[0].platform != "gpu")   # CPU: a smoke test only
 
     def run(x, w, dy):
       if groups:   # equal buckets, as the capacity dispatch runs them (_fp8_buckets)
@@ -108,6 +112,7 @@ def bench_gemm(name, m, n, k, groups, kinds, reps_sets: int, seed: int = 0,
   flops = 6 * m * n * k
   rows = []
   methods = [("bf16", bf16)] + [(f"fp8/{kd}", fp8(kd)) for kd in kinds]
+  methods += [(f"fp8/{kd}/xlaquant", fp8(f"{kd}/xlaquant")) for kd in kinds if xla_quant]
   ref = None
   for label, fn in methods:
     try:
@@ -164,6 +169,9 @@ def main():
   ap.add_argument("--skip-gemm", action="store_true")
   ap.add_argument("--breakdown", action="store_true",
                   help="GEMM level: also each kernel's device time (CUPTI) for one call")
+  ap.add_argument("--xla-quant", action="store_true",
+                  help="GEMM level: also each kind with XLA's quantization fusions instead of "
+                       "the one-pass kernel (method fp8/<kind>/xlaquant)")
   ap.add_argument("--skip-step", action="store_true")
   ap.add_argument("--json", help="append JSON records here")
   args = ap.parse_args()
@@ -178,7 +186,8 @@ def main():
           f"{'err y/dx/dw vs bf16':>24}", flush=True)
     for i, (name, m, n, k, g) in enumerate(projections(cfg, args.batch * args.seq_len,
                                                        args.capacity_factor)):
-      for r in bench_gemm(name, m, n, k, g, kinds, args.sets, seed=i, breakdown=args.breakdown):
+      for r in bench_gemm(name, m, n, k, g, kinds, args.sets, seed=i, breakdown=args.breakdown,
+                          xla_quant=args.xla_quant):
         records.append(r)
         if "error" in r:
           print(f"{name:>16} {r['method']:>11} FAILED {r['error']}", flush=True)

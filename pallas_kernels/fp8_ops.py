@@ -37,10 +37,14 @@ class Fp8Backend:
   scale_fmt: str | None = None
   training: bool = False  # FP8 training recipe: high-precision weights, every GEMM of forward
                           # and backward on online-quantized e4m3 (pallas_kernels.fp8_train_ops)
+  dual_quant: bool = True  # training recipe on a kernel backend: both orientations of each
+                           # operand in one Pallas pass (pallas_kernels.dual_quant); False: XLA
 
   def __str__(self) -> str:
+    xla_quant = self.training and self.kind != "xla" and not self.dual_quant
     extra = [x for x in ("interpret" if self.interpret else "", self.scale_fmt or "",
-                         "training recipe" if self.training else "") if x]
+                         "training recipe" if self.training else "",
+                         "XLA quantization" if xla_quant else "") if x]
     return self.kind + (f" ({', '.join(extra)})" if extra else "")
 
 

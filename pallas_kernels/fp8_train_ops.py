@@ -11,8 +11,11 @@ its three GEMMs on e4m3 operands quantized online, each with its own tile orient
 
 Every GEMM multiplies each 128-wide K slab's partial product by its two scales and accumulates
 in float32 (the promotion interval N_C = 128). The weight is quantized from the master on every
-call; x is quantized for Wgrad already in the forward pass and kept (e4m3 + scales, half of a
-bf16 copy) as the backward's residual. Scales are amax / 448 with amax floored (1e-20 for
+call, its transposed blocks (for Dgrad) in the same pass, and those are the backward's weight
+residual; x is quantized for Wgrad already in the forward pass and kept (e4m3 + scales, half of
+a bf16 copy) as the backward's residual. On kernel backends each operand's two orientations
+come from one Pallas pass over it (pallas_kernels.dual_quant; `Fp8Backend(dual_quant=False)`
+leaves them to XLA's fusions: the same values). Scales are amax / 448 with amax floored (1e-20 for
 activations and gradients, 1e-12 for weights), so an all-zero tile gets a finite scale and
 quantizes to zeros. The quantizers are the kernels' jnp references (act_quant_reference,
 weight_quant_reference).
@@ -40,6 +43,7 @@ import jax
 import jax.numpy as jnp
 
 from pallas_kernels.act_quant import act_quant_reference
+from pallas_kernels.dual_quant import dual_quant, dual_quant_blocks
 from pallas_kernels.fp8_gemm_mosaic import (fp8_gemm_mosaic, fp8_gemm_mosaic_batched,
                                              fp8_rowwise_gemm_mosaic)
 from pallas_kernels.fp8_gemm_triton import (dequantize_activations, dequantize_weight,
@@ -54,11 +58,28 @@ AMAX_FLOOR = 1e-20  # keeps all-zero tiles finite without touching real gradient
 _HI = jax.lax.Precision.HIGHEST
 
 
-# ---- online quantization (XLA; fuses with the producer) ----------------------------------------
+# ---- online quantization -------------------------------------------------------------------------
 def quant_rows(x: jax.Array) -> tuple[jax.Array, jax.Array]:
   """1×128 tiles along the last axis. x [..., R, C] (C % 128 == 0) → (e4m3 [..., R, C],
   float32 scales [..., R, C/128]) with x ≈ q · s."""
   return act_quant_reference(x, amax_floor=AMAX_FLOOR)
+
+
+def _quant_rows_and_cols(x, backend: Fp8Backend):
+  """x [(E,) R, C] (multiples of 128) → (q, s) per 1×128 tile and (qt, st) of xᵀ per 1×128 tile
+  (128×1 tiles of x, transposed): one Pallas pass on kernel backends (dual_quant), XLA's
+  fusions otherwise; the same values either way."""
+  if backend.kind != "xla" and backend.dual_quant:
+    return dual_quant(x, amax_floor=AMAX_FLOOR, interpret=backend.interpret)
+  return (*quant_rows(x), *quant_rows(_t(x)))
+
+
+def _quant_blocks_and_transpose(w, backend: Fp8Backend):
+  """w [(E,) N, K] (multiples of 128) → 128×128-block (q, s) and their transposes (qᵀ, sᵀ)."""
+  if backend.kind != "xla" and backend.dual_quant:
+    return dual_quant_blocks(w, interpret=backend.interpret)
+  q, s = quant_blocks(w)
+  return q, s, _t(q), _t(s)
 
 
 quant_blocks = weight_quant_reference        # 128×128 blocks: [..., N, K] → (e4m3, [..., N/128, K/128])
@@ -116,18 +137,18 @@ def _linear(x, w, backend):
 
 
 def _linear_fwd(x, w, backend):
-  xq, sx = quant_rows(x)                      # Fprop: x per token per 128 channels
-  wq, sw = quant_blocks(w)                    # W per 128×128 block
+  # Fprop: x per token per 128 channels; the Wgrad operand: x per channel per 128 tokens
+  xq, sx, xtq, sxt = _quant_rows_and_cols(x, backend)
+  wq, sw, wtq, swt = _quant_blocks_and_transpose(w, backend)   # W per 128×128 block
   y = _gemm(xq, sx, wq, sw, backend, x.dtype)
-  xtq, sxt = quant_rows(_t(x))                # Wgrad operand: x per channel per 128 tokens
-  return y, (xtq, sxt, wq, sw, jnp.zeros((0,), x.dtype), jnp.zeros((0,), w.dtype))
+  return y, (xtq, sxt, wtq, swt, jnp.zeros((0,), x.dtype), jnp.zeros((0,), w.dtype))
 
 
 def _linear_bwd(backend, res, dy):
-  xtq, sxt, wq, sw, x0, w0 = res
-  dyq, sdy = quant_rows(dy)                   # Dgrad: dy per token per 128 channels
-  dx = _gemm(dyq, sdy, _t(wq), _t(sw), backend, x0.dtype)   # the same blocks, transposed
-  dytq, sdyt = quant_rows(_t(dy))             # Wgrad: dy per channel per 128 tokens
+  xtq, sxt, wtq, swt, x0, w0 = res
+  # Dgrad: dy per token per 128 channels; Wgrad: dy per channel per 128 tokens
+  dyq, sdy, dytq, sdyt = _quant_rows_and_cols(dy, backend)
+  dx = _gemm(dyq, sdy, wtq, swt, backend, x0.dtype)   # the same blocks, transposed
   dw = _dense_wgrad(dytq, sdyt, xtq, sxt, backend)
   return dx, dw.astype(w0.dtype)
 
@@ -186,18 +207,16 @@ def _grouped(x, w, sizes, backend):
 
 
 def _grouped_fwd(x, w, sizes, backend):
-  xq, sx = quant_rows(x)
-  wq, sw = quant_blocks(w)
+  xq, sx, xtq, sxt = _quant_rows_and_cols(x, backend)
+  wq, sw, wtq, swt = _quant_blocks_and_transpose(w, backend)
   y = _grouped_gemm(xq, sx, wq, sw, sizes, backend, x.dtype)
-  xtq, sxt = quant_rows(_t(x))
-  return y, (xtq, sxt, wq, sw, sizes, jnp.zeros((0,), x.dtype), jnp.zeros((0,), w.dtype))
+  return y, (xtq, sxt, wtq, swt, sizes, jnp.zeros((0,), x.dtype), jnp.zeros((0,), w.dtype))
 
 
 def _grouped_bwd(backend, res, dy):
-  xtq, sxt, wq, sw, sizes, x0, w0 = res
-  dyq, sdy = quant_rows(dy)
-  dx = _grouped_gemm(dyq, sdy, _t(wq), _t(sw), sizes, backend, x0.dtype)
-  dytq, sdyt = quant_rows(_t(dy))
+  xtq, sxt, wtq, swt, sizes, x0, w0 = res
+  dyq, sdy, dytq, sdyt = _quant_rows_and_cols(dy, backend)
+  dx = _grouped_gemm(dyq, sdy, wtq, swt, sizes, backend, x0.dtype)
   offsets = jnp.concatenate([jnp.zeros((1,), jnp.int32),
                              jnp.cumsum(sizes.astype(jnp.int32)) // BLOCK])
   dw = _wgrad(dytq, sdyt, xtq, sxt, offsets, backend)
