@@ -9,6 +9,8 @@ PYTHON ?= $(shell v=$$(cat .python-version 2>/dev/null); \
 	  [ -x "$$p" ] && "$$p" -c 'import sys; sys.exit(sys.version_info < (3, 12))' 2>/dev/null && { echo "$$p"; break; }; \
 	done)
 TEST_ENV := JAX_PLATFORMS=cpu XLA_FLAGS=--xla_force_host_platform_device_count=8
+# test processes (pytest-xdist, whole files per process: module fixtures are built once)
+TEST_WORKERS ?= 2
 
 DEMO_CKPT := demo/stdlib-coder
 
@@ -33,7 +35,7 @@ demo-tiny: setup
 	$(TEST_ENV) $(PY) -m dsv3_jax demo
 
 test: setup
-	$(TEST_ENV) $(PY) -m pytest tests
+	$(TEST_ENV) $(PY) -m pytest tests -n $(TEST_WORKERS) --dist loadfile
 
 info: setup
 	$(PY) -m dsv3_jax info configs/deepseek_v3_671b.json

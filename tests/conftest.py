@@ -23,3 +23,29 @@ def fixtures_dir():
 
 def fixture_path(name: str) -> str:
   return os.path.join(FIXTURES, name)
+
+
+def _mapped_regions() -> int:
+  try:
+    with open("/proc/self/maps") as f:
+      return sum(1 for _ in f)
+  except OSError:
+    return -1
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _release_compiled_programs(request):
+  """Drops JAX's compiled programs after each test module.
+
+  XLA:CPU keeps every compiled executable's machine code in memory maps of its own, and JAX's
+  caches keep the executables alive: the whole suite in one process passed Linux's default limit
+  of 65,530 maps per process (vm.max_map_count) and LLVM failed with "Cannot allocate memory" with
+  gigabytes free. Modules share no compiled programs worth keeping."""
+  yield
+  if os.environ.get("DSV3_TEST_MAPS"):
+    print(f"\n[{request.module.__name__}: {_mapped_regions()} memory maps before]")
+  jax.clear_caches()
+  import gc
+  gc.collect()
+  if os.environ.get("DSV3_TEST_MAPS"):
+    print(f"\n[{request.module.__name__}: {_mapped_regions()} memory maps after clearing]")
