@@ -10,9 +10,10 @@ per iteration of the scanned MoE stack (one MoE layer), memcpys apart.
   python benchmarks/decode_kernels.py --variants bf16/b1 fp8/b1/mtp bf16/b8/unstacked
   python benchmarks/decode_kernels.py --variants bf16/b1 --list        # launches in order
 
-A variant is precision/b<batch>[/mtp][/unstacked]; precision bf16 or fp8 (e4m3 weights with
+A variant is precision/b<batch>[/mtp][/unstacked][/attnkernel]; precision bf16 or fp8 (e4m3 weights with
 block scales, as benchmarks/decode.py builds them). MTP variants of a config without an MTP
-module (V2-Lite) get one, as DeepSeek-V3 has (num_nextn_predict_layers = 1).
+module (V2-Lite) get one, as DeepSeek-V3 has (num_nextn_predict_layers = 1). /attnkernel decodes
+attention through pallas_kernels.mla_decode (Engine(attention_kernel=True)) instead of XLA.
 """
 
 from __future__ import annotations
@@ -33,21 +34,22 @@ import jax.numpy as jnp  # noqa: E402
 
 CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs",
                       "deepseek_v2_lite_16b.json")
-VARIANTS = ("bf16/b1", "bf16/b8", "fp8/b1", "fp8/b8", "bf16/b1/mtp", "bf16/b1/unstacked")
+VARIANTS = ("bf16/b1", "bf16/b1/attnkernel", "bf16/b8", "fp8/b1", "fp8/b8", "bf16/b1/mtp",
+            "bf16/b1/unstacked")
 
 
 def parse_variant(v: str) -> dict:
   parts = v.split("/")
   if len(parts) < 2 or parts[0] not in ("bf16", "fp8") or not parts[1].startswith("b") or any(
-      p not in ("mtp", "unstacked") for p in parts[2:]):
-    raise ValueError(f"variant {v!r}: expected precision/b<batch>[/mtp][/unstacked], "
+      p not in ("mtp", "unstacked", "attnkernel") for p in parts[2:]):
+    raise ValueError(f"variant {v!r}: expected precision/b<batch>[/mtp][/unstacked][/attnkernel], "
                      "precision bf16 or fp8, e.g. bf16/b1/mtp")
   return dict(fp8=parts[0] == "fp8", batch=int(parts[1][1:]), mtp="mtp" in parts[2:],
-              unstack="unstacked" in parts[2:])
+              unstack="unstacked" in parts[2:], attention_kernel="attnkernel" in parts[2:])
 
 
 def compile_step(config: str, *, fp8: bool = False, batch: int = 1, mtp: bool = False,
-                 unstack: bool = False, max_len: int = 832):
+                 unstack: bool = False, attention_kernel: bool = False, max_len: int = 832):
   """(Compiled, seconds) of one decode step of the model `config` for the H100."""
   from flax import nnx
   from dsv3_jax import generate
@@ -66,7 +68,7 @@ def compile_step(config: str, *, fp8: bool = False, batch: int = 1, mtp: bool = 
                       fp8=fp8, fp8_backend="auto")
       return m.unstack_layers(free=False) if unstack else m    # abstract: unstack while tracing
 
-    engine = generate.Engine(nnx.eval_shape(make), mtp=mtp)
+    engine = generate.Engine(nnx.eval_shape(make), mtp=mtp, attention_kernel=attention_kernel)
     cache = jax.eval_shape(lambda: init_cache(cfg, batch, max_len, engine.cache_dtype,
                                               with_mtp=mtp))
     tok = jax.ShapeDtypeStruct((batch,), jnp.int32)
