@@ -20,32 +20,67 @@ from dsv3_jax.config import ModelConfig
 class LayerCache:
   """One layer's cache (a leading [L] axis when stacked for a scanned group of layers).
 
-  c_kv: [B, S, C] normalised kv latent.  k_pe: [B, S, R] roped shared rope key.
+  kv: [B, S, C + R], per slot the normalised kv latent (C = `rank` values) followed by the
+  roped shared rope key (R). One array, so that a decode step writes, views and multiplies the
+  two parts at once (one kernel each instead of two; the absorbed scores are one product of
+  [q_lat; q_pe] with it).
   """
 
-  c_kv: jax.Array
-  k_pe: jax.Array
+  kv: jax.Array
+  rank: int = dataclasses.field(metadata=dict(static=True))
+
+  @property
+  def c_kv(self) -> jax.Array:
+    """[..., S, C] normalised kv latent."""
+    return self.kv[..., :self.rank]
+
+  @property
+  def k_pe(self) -> jax.Array:
+    """[..., S, R] roped shared rope key."""
+    return self.kv[..., self.rank:]
 
   def write(self, c_kv: jax.Array, k_pe: jax.Array, positions: jax.Array,
             layer: jax.Array | None = None) -> "LayerCache":
-    """Scatters T new tokens per row into their slots (in place inside a scan or a jit).
+    """Writes T new tokens per row into their slots (in place inside a scan or a jit).
+
+    A row's T tokens occupy consecutive slots from positions[b, 0] (as in prefill and decoding):
+    one dynamic_update_slice for a single row, one windowed scatter (a [T, C + R] window per
+    row) otherwise, not a scatter of single values, which XLA turned into a read of the old
+    slot, an in-bounds test and a masked update per part. A window that would end past the
+    cache is moved back to end at its last slot (dynamic_update_slice's clamping).
 
     Args:
       c_kv: [B, T, C]; k_pe: [B, T, R]; positions: [B, T] slot of each token.
       layer: index into a stacked [L, ...] cache, or None for a single layer's cache.
     """
-    rows = jnp.broadcast_to(jnp.arange(positions.shape[0])[:, None], positions.shape)
-    idx = (rows, positions) if layer is None else (layer, rows, positions)
-    return LayerCache(self.c_kv.at[idx].set(c_kv.astype(self.c_kv.dtype)),
-                      self.k_pe.at[idx].set(k_pe.astype(self.k_pe.dtype)))
+    new = jnp.concatenate([c_kv, k_pe], axis=-1).astype(self.kv.dtype)   # [B, T, C + R]
+    b, t = positions.shape
+    start = jnp.clip(positions[:, 0], 0, self.max_len - t).astype(jnp.int32)  # [B]
+    lead = () if layer is None else (jnp.asarray(layer, jnp.int32),)
+    zero = jnp.zeros((), jnp.int32)
+    if b == 1:
+      upd = new if layer is None else new[None]
+      return LayerCache(jax.lax.dynamic_update_slice(self.kv, upd, (*lead, zero, start[0], zero)),
+                        self.rank)
+    # row r's window [1, T, C + R] lands at (layer, r, start[r], 0); the clip above keeps it in
+    # bounds, so the scatter needs no masking
+    rows = jnp.arange(b, dtype=jnp.int32)
+    idx = jnp.stack([*(jnp.broadcast_to(l, (b,)) for l in lead), rows, start], axis=1)
+    nd = self.kv.ndim
+    dims = jax.lax.ScatterDimensionNumbers(
+        update_window_dims=(1, 2), inserted_window_dims=tuple(range(nd - 2)),
+        scatter_dims_to_operand_dims=tuple(range(nd - 1)))
+    kv = jax.lax.scatter(self.kv, idx, new, dims, indices_are_sorted=True, unique_indices=True,
+                         mode=jax.lax.GatherScatterMode.PROMISE_IN_BOUNDS)
+    return LayerCache(kv, self.rank)
 
   def layer(self, i: jax.Array | None) -> "LayerCache":
-    """One layer's view [B, S, *] of a stacked cache (the cache itself when i is None)."""
-    return self if i is None else LayerCache(self.c_kv[i], self.k_pe[i])
+    """One layer's view [B, S, C + R] of a stacked cache (the cache itself when i is None)."""
+    return self if i is None else LayerCache(self.kv[i], self.rank)
 
   @property
   def max_len(self) -> int:
-    return self.c_kv.shape[-2]
+    return self.kv.shape[-2]
 
 
 @jax.tree_util.register_dataclass
@@ -65,8 +100,7 @@ class Cache:
 
 def _layer_cache(num_layers, batch, max_len, cfg, dtype, lead=True):
   shape = (num_layers, batch, max_len) if lead else (batch, max_len)
-  return LayerCache(jnp.zeros(shape + (cfg.kv_lora_rank,), dtype),
-                    jnp.zeros(shape + (cfg.qk_rope_head_dim,), dtype))
+  return LayerCache(jnp.zeros(shape + (cfg.cache_values_per_token,), dtype), cfg.kv_lora_rank)
 
 
 def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=jnp.bfloat16,

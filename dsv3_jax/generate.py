@@ -192,13 +192,19 @@ class Engine:
     dense_gemv: decode the projections (attention, shared experts, head) through the GEMV kernel
       (`Transformer.use_dense_gemv`, changing `model` in place); default: on GPUs, elsewhere as
       the model is set.
+    attention_kernel: decode attention through the MLA decode kernel
+      (`Transformer.use_attention_kernel`, changing `model` in place); default: as the model is
+      set (off unless turned on: not yet timed on a GPU, and at batch 1 it launches as many
+      kernels as XLA's attention; it reads only the visible slots, which matters at long
+      contexts and large batches).
     unstack: give every layer arrays of its own (`Transformer.unstack_layers`, changing `model`
       in place); compile time then grows with depth.
   """
 
   def __init__(self, model, *, mtp: bool = False, chunk: int = 8, cache_dtype=None,
                prefill_tokens: int = 8192, expert_gemv: bool | None = None,
-               dense_gemv: bool | None = None, unstack: bool = False):
+               dense_gemv: bool | None = None, attention_kernel: bool | None = None,
+               unstack: bool = False):
     if mtp and not len(model.mtp):
       raise ValueError("--mtp needs a model with an MTP module (num_nextn_predict_layers ≥ 1); "
                        "this checkpoint has none")
@@ -206,6 +212,8 @@ class Engine:
       model.use_expert_gemv(expert_gemv)
     if dense_gemv is not None or jax.devices()[0].platform == "gpu":
       model.use_dense_gemv(dense_gemv)
+    if attention_kernel is not None:
+      model.use_attention_kernel(attention_kernel)
     if unstack:
       model.unstack_layers()
     self.cfg = model.cfg

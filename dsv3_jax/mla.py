@@ -22,12 +22,14 @@ from dsv3_jax.config import ModelConfig
 from dsv3_jax.layers import Linear, RMSNorm, apply_rope, rope_attention_factor, rope_inv_freq
 from dsv3_jax.remat import ATTENTION, with_saved_vjp
 from pallas_kernels.fp8_ops import Fp8Backend
+from pallas_kernels.mla_decode import mla_decode
 
 AttnMode = Literal["full", "absorbed"]
 _NEG_INF = -1e30  # finite: a row with no visible key (padding) stays NaN-free
 
 
 ATTN_IMPLS = (None, "xla", "cudnn", "cudnn_mla")
+DECODE_KERNEL_MAX_ROWS = 16   # query rows (B·T) up to which decoding may take the kernel
 
 
 def default_training_attention() -> str | None:
@@ -55,7 +57,16 @@ class MLA(nnx.Module):
   positions are 0..T-1 (training, prefill from 0); "cudnn_mla" = cuDNN's multi-latent-attention
   form of the same kernel, with the value head dim (128) smaller than the query/key one (192)
   instead of zero-padded to it (cuDNN ≥ 9.10 on Hopper or later).
+
+  `decode_kernel` (Transformer.use_attention_kernel; off by default): absorbed attention of at
+  most 16 query rows over the cache runs through pallas_kernels.mla_decode, which reads this
+  layer's rows of the stacked cache in place and only the slots each query sees (XLA: the
+  layer's slice, two GEMMs, a softmax and a slice over every slot; deviceless H100 compile of a
+  V2-Lite decode step, benchmarks/decode_kernels.py: the same 27 kernels per MoE layer at
+  batch 1, 29 -> 27 at batch 8).
   """
+
+  decode_kernel: bool = False
 
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, param_dtype=jnp.float32,
                fp8: bool = False, fp8_backend: Fp8Backend | None = None,
@@ -123,14 +134,19 @@ class MLA(nnx.Module):
     if cache is not None:
       cache = cache.write(c_kv, k_pe, positions, layer)
     if mode == "absorbed":
-      if cache is not None:
+      if cache is not None and self.takes_decode_kernel(b * t, x.dtype):
+        attend = functools.partial(self._attend_kernel, cache=cache, positions=positions,
+                                   layer=layer)
+      elif cache is not None:
         view = cache.layer(layer)
-        c_keys, pe_keys = view.c_kv.astype(x.dtype), view.k_pe.astype(x.dtype)
         key_pos = jnp.broadcast_to(jnp.arange(view.max_len, dtype=positions.dtype),
                                    (b, view.max_len))
+        attend = functools.partial(self._attend, kv=view.kv.astype(x.dtype), q_pos=positions,
+                                   k_pos=key_pos)
       else:
-        c_keys, pe_keys, key_pos = c_kv, k_pe, positions
-      out = self._absorbed(q_nope, q_pe, c_keys, pe_keys, positions, key_pos)
+        attend = functools.partial(self._attend, kv=jnp.concatenate([c_kv, k_pe], axis=-1),
+                                   q_pos=positions, k_pos=positions)
+      out = self._absorbed(q_nope, q_pe, attend)
     elif mode == "full":
       out = self._full(q_nope, q_pe, c_kv, k_pe, positions)
     else:
@@ -183,20 +199,55 @@ class MLA(nnx.Module):
     out = attend(pad(q, 0), pad(k, 0), pad(v, v_pad))
     return out[:, :t, :, :self.v_dim]
 
-  def _absorbed(self, q_nope, q_pe, c_kv, k_pe, q_pos, k_pos):
+  def takes_decode_kernel(self, rows: int, dtype) -> bool:
+    """`decode_kernel` on (Transformer.use_attention_kernel), at most 16 query rows (B·T:
+    decoding), and widths the kernel's tiles take (C, R powers of two; on a GPU ≥ 16 heads per
+    program, the M of its tensor-core products)."""
+    pow2 = lambda v: v >= 1 and v & (v - 1) == 0
+    on_gpu = jax.devices()[0].platform == "gpu"
+    return (self.decode_kernel and rows <= DECODE_KERNEL_MAX_ROWS
+            and pow2(self.kv_lora_rank) and pow2(self.rope_dim)
+            and (self.num_heads >= 16 or not on_gpu)
+            and (dtype != jnp.float32 or not on_gpu))  # float32 tensor-core products: slow
+
+  def _absorbed(self, q_nope, q_pe, attend):
+    """q_nope [B, T, N, H], q_pe [B, T, N, R] roped; attend: [B, T, N, C + R] absorbed queries
+    [q_lat; q_pe] → o_lat [B, T, N, C]. Returns [B, T, N, V]."""
     dtype = q_nope.dtype
     w = self.kv_b_proj.dense_weight(dtype).reshape(self.num_heads, self.nope_dim + self.v_dim,
                                                     self.kv_lora_rank)
     w_uk, w_uv = w[:, :self.nope_dim], w[:, self.nope_dim:]  # [N, H, C], [N, V, C]
     f32 = jnp.float32
-    # heads-major batched product [N, B·T, H] x [N, H, C] (the btnh,nhc einsum hits an
-    # unimplemented bf16 -> f32 dot on XLA:CPU)
     b, t, n, h = q_nope.shape
-    q_lat = jnp.einsum("nmh,nhc->nmc", jnp.moveaxis(q_nope.reshape(b * t, n, h), 1, 0), w_uk,
-                       preferred_element_type=f32)
-    q_lat = jnp.moveaxis(q_lat, 0, 1).reshape(b, t, n, -1).astype(dtype)
-    scores = (jnp.einsum("btnc,bsc->btns", q_lat, c_kv, preferred_element_type=f32)
-              + jnp.einsum("btnr,bsr->btns", q_pe, k_pe, preferred_element_type=f32))
-    p = self._softmax(scores, q_pos, k_pos, dtype)
-    o_lat = jnp.einsum("btns,bsc->btnc", p, c_kv, preferred_element_type=f32).astype(dtype)
-    return jnp.einsum("btnc,nvc->btnv", o_lat, w_uv, preferred_element_type=f32).astype(dtype)
+    if b * t == 1:
+      # one row: multiply + reduce over the weight's own layout (a dot lets XLA pick a
+      # transposed float32 copy of W_UK and W_UV first: 2 × 4 MB per V2-Lite layer)
+      q_lat = (q_nope[0, 0, :, :, None].astype(f32) * w_uk.astype(f32)).sum(1)   # [N, C]
+      q_lat = q_lat.astype(dtype)[None, None]
+    else:
+      # heads-major batched product [N, B·T, H] x [N, H, C] (the btnh,nhc einsum hits an
+      # unimplemented bf16 -> f32 dot on XLA:CPU)
+      q_lat = jnp.einsum("nmh,nhc->nmc", jnp.moveaxis(q_nope.reshape(b * t, n, h), 1, 0), w_uk,
+                         preferred_element_type=f32)
+      q_lat = jnp.moveaxis(q_lat, 0, 1).reshape(b, t, n, -1).astype(dtype)
+    o_lat = attend(jnp.concatenate([q_lat, q_pe.astype(dtype)], axis=-1))
+    if b * t == 1:
+      out = (o_lat[0, 0, :, None, :].astype(f32) * w_uv.astype(f32)).sum(-1)      # [N, V]
+      return out.astype(dtype)[None, None]
+    out = jnp.einsum("nmc,nvc->nmv", jnp.moveaxis(o_lat.reshape(b * t, n, -1), 1, 0), w_uv,
+                     preferred_element_type=f32)
+    return jnp.moveaxis(out, 0, 1).reshape(b, t, n, -1).astype(dtype)
+
+  def _attend(self, q, *, kv, q_pos, k_pos):
+    """XLA: q [B, T, N, C + R], kv [B, S, C + R] → o_lat [B, T, N, C] in q.dtype."""
+    # one product over C + R: q_lat · c_kv + q_pe · k_pe
+    scores = jnp.einsum("btnc,bsc->btns", q, kv, preferred_element_type=jnp.float32)
+    p = self._softmax(scores, q_pos, k_pos, q.dtype)
+    # over the whole rows of kv, then sliced: a slice of the keys would be copied first
+    o_lat = jnp.einsum("btns,bsc->btnc", p, kv, preferred_element_type=jnp.float32)
+    return o_lat[..., :self.kv_lora_rank].astype(q.dtype)
+
+  def _attend_kernel(self, q, *, cache, positions, layer):
+    """pallas_kernels.mla_decode: the stacked cache read in place at `layer`."""
+    return mla_decode(q, cache.kv, positions, layer, rank=self.kv_lora_rank, scale=self.scale,
+                      interpret=jax.devices()[0].platform != "gpu")

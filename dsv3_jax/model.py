@@ -370,6 +370,19 @@ class Transformer(nnx.Module):
         node.gemv = on
     return self
 
+  def use_attention_kernel(self, on: bool | None = None) -> "Transformer":
+    """Absorbed attention of at most 16 query rows (decoding) runs through the MLA decode
+    kernel (pallas_kernels.mla_decode; interpret mode off GPUs), which reads each layer's rows
+    of the stacked cache in place and only the slots up to each query's position. `on` None:
+    on GPUs. generate.Engine leaves it off unless asked (attention_kernel=True): not yet timed
+    on a GPU. Returns self."""
+    if on is None:
+      on = jax.devices()[0].platform == "gpu"
+    for _, node in nnx.iter_graph(self):
+      if isinstance(node, MLA):
+        node.decode_kernel = on
+    return self
+
   def unstack_layers(self, *, free: bool = True) -> "Transformer":
     """Turns the scanned layer stacks into lists of layers with arrays of their own.
 

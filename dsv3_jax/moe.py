@@ -303,11 +303,14 @@ class Experts(nnx.Module):
 
   def _gathered(self, x, routing):
 
+    # expert ids come from top_k, so in range: "clip" is XLA's native gather (the default
+    # "fill" adds an in-bounds mask, one more kernel per layer)
     def weight(name):
-      w = jnp.take(getattr(self, name)[...], routing.experts, axis=0)  # [M, K, ...]
+      w = jnp.take(getattr(self, name)[...], routing.experts, axis=0, mode="clip")  # [M, K, ...]
       scale = getattr(self, name + "_scale_inv")
       if scale is not None:
-        w = dequantize_blocks(w, jnp.take(scale[...], routing.experts, axis=0), jnp.float32)
+        w = dequantize_blocks(w, jnp.take(scale[...], routing.experts, axis=0, mode="clip"),
+                              jnp.float32)
       return w.astype(jnp.float32)
 
     # multiply + reduce (not a dot): XLA fuses the gather into the reduction on every backend
