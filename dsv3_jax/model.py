@@ -363,12 +363,7 @@ class Transformer(nnx.Module):
     (pallas_kernels.gemv; interpret mode off GPUs) instead of XLA's dot or the FP8 GEMM; in a
     scanned stack it reads each layer's weight in place. Covers attention, shared and dense
     MLPs, MTP's eh_proj and the output head. Default: on GPUs. For inference. Returns self."""
-    if on is None:
-      on = jax.devices()[0].platform == "gpu"
-    for _, node in nnx.iter_graph(self):
-      if isinstance(node, Linear):
-        node.gemv = on
-    return self
+    return self._switch(Linear, "gemv", on)
 
   def use_attention_kernel(self, on: bool | None = None) -> "Transformer":
     """Absorbed attention of at most 16 query rows (decoding) runs through the MLA decode
@@ -376,11 +371,15 @@ class Transformer(nnx.Module):
     of the stacked cache in place and only the slots up to each query's position. `on` None:
     on GPUs. generate.Engine leaves it off unless asked (attention_kernel=True): not yet timed
     on a GPU. Returns self."""
+    return self._switch(MLA, "decode_kernel", on)
+
+  def _switch(self, kind: type, flag: str, on: bool | None) -> "Transformer":
+    """Sets `flag` to `on` (None: on GPUs) on every `kind` module of the model."""
     if on is None:
       on = jax.devices()[0].platform == "gpu"
     for _, node in nnx.iter_graph(self):
-      if isinstance(node, MLA):
-        node.decode_kernel = on
+      if isinstance(node, kind):
+        setattr(node, flag, on)
     return self
 
   def unstack_layers(self, *, free: bool = True) -> "Transformer":

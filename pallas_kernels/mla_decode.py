@@ -12,10 +12,9 @@ slots up to each query's position. Not yet timed on a GPU.
 Flash-decoding: the grid is (query rows B·T, head blocks, key splits); each program streams its
 split's slots in blocks of `block_s` keys through an online softmax (tensor-core products of the
 program's `block_h` heads against each key block) and writes an unnormalised partial output
-with its running max and sum (`Partials`), which XLA combines afterwards (`mla_decode`: one
-small fusion). Splitting
-the keys keeps many SMs streaming at batch 1, where a program per query would read a whole
-layer's cache through one SM.
+with its running max and sum (`Partials`), which XLA combines afterwards (`mla_decode`).
+Splitting the keys keeps many SMs streaming at batch 1, where a program per query would read a
+whole layer's cache through one SM.
 
 Runs on any CUDA GPU, and on the CPU with interpret=True.
 """

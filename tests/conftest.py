@@ -1,5 +1,6 @@
 """Test setup: CPU with 8 virtual devices (set before jax is imported), shared fixtures."""
 
+import gc
 import os
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -45,7 +46,6 @@ def _release_compiled_programs(request):
   if os.environ.get("DSV3_TEST_MAPS"):
     print(f"\n[{request.module.__name__}: {_mapped_regions()} memory maps before]")
   jax.clear_caches()
-  import gc
   gc.collect()
   if os.environ.get("DSV3_TEST_MAPS"):
     print(f"\n[{request.module.__name__}: {_mapped_regions()} memory maps after clearing]")
