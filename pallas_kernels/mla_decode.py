@@ -42,7 +42,14 @@ class TuningConfig:
   num_stages: int = 2
 
   def __post_init__(self):
-    if self.block_s < 1 or self.split_len % self.block_s:
+    # Triton's 16-bit tensor-core products need every dimension >= 16: with block_s = 8 the
+    # value product (K = block_s) of bf16 operands came out doubled on an H100 (float32 was
+    # right), so both tiles are powers of two from 16 on, whatever the dtype
+    for name in ("block_h", "block_s"):
+      v = getattr(self, name)
+      if v < 16 or v & (v - 1):
+        raise ValueError(f"{name}={v} must be a power of two >= 16")
+    if self.split_len % self.block_s:
       raise ValueError(f"{self.split_len=} must be a positive multiple of {self.block_s=}")
 
 
@@ -152,8 +159,7 @@ def mla_decode_partials(q: jax.Array, kv: jax.Array, positions: jax.Array,
     kv, layer = kv[None], 0
   if config is None:
     config = default_config(b * t, n, s, getattr(jax.devices()[0], "core_count", 0) or 132)
-  bh = min(config.block_h, n)
-  config = dataclasses.replace(config, block_h=bh)
+  bh = config.block_h          # heads past N are masked (not shrunk: M >= 16 on tensor cores)
   splits = math.ceil(s / config.split_len)
   rows, d = b * t, q.shape[-1]
   idx = jnp.asarray(layer, jnp.int32).reshape(1)

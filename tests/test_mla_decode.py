@@ -29,7 +29,7 @@ def _operands(b, t, n, s, rank, rope, layers, dtype, seed=0):
     # a stacked cache read at a layer index; a ragged last split (S = 100) and a short row
     (2, 1, 16, 100, 3, [[99], [5]], TuningConfig(block_h=16, block_s=16, split_len=32)),
     # MTP-shaped queries (T = 2 consecutive positions), heads not a multiple of block_h
-    (2, 2, 20, 64, 2, [[10, 11], [62, 63]], TuningConfig(block_h=16, block_s=8, split_len=16)),
+    (2, 2, 20, 64, 2, [[10, 11], [62, 63]], TuningConfig(block_h=16, block_s=16, split_len=16)),
     # position 0 (one visible slot: most splits see nothing), the default tiles
     (3, 1, 16, 256, 2, [[0], [200], [255]], None)])
 def test_matches_reference(b, t, n, s, layers, positions, config, dtype):
@@ -65,7 +65,7 @@ def test_partials_combine_and_empty_splits():
   rank, rope, s = 16, 16, 64
   q, kv = _operands(1, 1, 16, s, rank, rope, 0, jnp.float32, seed=3)
   pos = jnp.asarray([[20]], jnp.int32)
-  cfg = TuningConfig(block_h=16, block_s=8, split_len=16)
+  cfg = TuningConfig(block_h=16, block_s=16, split_len=16)
   parts = mla_decode_partials(q, kv, pos, rank=rank, scale=1.0, config=cfg,
                               interpret=not ON_GPU)
   assert isinstance(parts, Partials) and parts.acc.shape == (4, 1, 16, rank)
@@ -103,7 +103,11 @@ def test_bad_operands():
   with pytest.raises(ValueError, match="positions"):
     mla_decode(q, kv, jnp.zeros((1, 2), jnp.int32), 0, rank=16, scale=1.0, interpret=True)
   with pytest.raises(ValueError, match="split_len"):
-    TuningConfig(block_s=24, split_len=64)
+    TuningConfig(block_s=32, split_len=48)
+  # tiles under 16 (a bf16 value product with K = 8 came out doubled on an H100) or not powers of 2
+  for bad in (dict(block_s=8, split_len=16), dict(block_s=24, split_len=48), dict(block_h=8)):
+    with pytest.raises(ValueError, match="power of two >= 16"):
+      TuningConfig(**bad)
 
 
 def test_cache_write_places_windows():
