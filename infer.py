@@ -63,8 +63,9 @@ def parse_args(argv=None):
   m.add_argument("--batch-size", type=int, default=8, help="rows per batch for --input-file")
   m.add_argument("--chunk", type=int, default=8, help="decode steps per device call")
   m.add_argument("--gemv", choices=["auto", "on", "off"], default="auto",
-                 help="decode projections and routed experts of few rows through the GEMV "
-                      "kernels: auto = on GPUs (default), off = XLA's dots and gathers")
+                 help="decode projections, routed experts and the W_UK absorption of few rows "
+                      "through the kernels that read weights in place (GEMVs, mla_absorb): "
+                      "auto = on GPUs (default), off = XLA's dots, gathers and reductions")
   m.add_argument("--unstack-layers", action="store_true",
                  help="give every layer arrays of its own instead of scanning the stacked layers "
                       "(kernels then read every weight in place; compile time grows with depth)")
@@ -128,7 +129,8 @@ def load_model(path: str, dtype: str, fp8: bool, quiet: bool):
 def engine_options(args) -> dict:
   """generate.Engine's keyword arguments from the command line (all but `mtp`)."""
   gemv = {"auto": None, "on": True, "off": False}[args.gemv]
-  return dict(chunk=args.chunk, unstack=args.unstack_layers, expert_gemv=gemv, dense_gemv=gemv)
+  return dict(chunk=args.chunk, unstack=args.unstack_layers, expert_gemv=gemv, dense_gemv=gemv,
+              absorb_kernel=gemv)
 
 
 class Session:

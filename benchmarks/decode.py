@@ -106,7 +106,8 @@ def run_jax(args) -> dict:
                          fp8_backend="xla" if precision.endswith("-xla") else "auto")
     print(f"{precision}: random model built in {time.perf_counter() - t0:.0f}s", flush=True)
     engine = Engine(model, chunk=args.chunk, unstack=layers == "unstacked", expert_gemv=gemv,
-                    dense_gemv=dense_gemv, attention_kernel=layers == "scanned-attn-kernel")
+                    dense_gemv=dense_gemv, attention_kernel=layers == "scanned-attn-kernel",
+                    absorb_kernel=layers != "scanned-xla-absorb")
     max_len = args.prompt + args.new_tokens + 64
     for batch in args.batches:
       rng = np.random.default_rng(batch)
@@ -189,13 +190,15 @@ def main():
   ap.add_argument("--chunk", type=int, default=16)
   ap.add_argument("--layers", nargs="+", default=["scanned"],
                   choices=["scanned", "scanned-gather", "scanned-xla-dense",
-                           "scanned-attn-kernel", "unstacked"],
+                           "scanned-attn-kernel", "scanned-xla-absorb", "unstacked"],
                   help="scanned: lax.scan over the stacked layers, routed experts of 2+ rows and "
                   "the projections of ≤ 16 rows through the GEMV kernels, which read the stacked "
-                  "weights in place (generate.Engine's GPU default); scanned-gather: routed "
+                  "weights in place, and the W_UK absorption through pallas_kernels.mla_absorb "
+                  "(generate.Engine's GPU default); scanned-gather: routed "
                   "experts through XLA's gather; scanned-xla-dense: projections through XLA's "
                   "dot / act_quant + FP8 GEMM (the earlier default); scanned-attn-kernel: decode "
-                  "attention through pallas_kernels.mla_decode; unstacked: every layer has "
+                  "attention through pallas_kernels.mla_decode; scanned-xla-absorb: the W_UK "
+                  "absorption through XLA (the earlier default); unstacked: every layer has "
                   "arrays of its own")
   ap.add_argument("--profile", metavar="DIR",
                   help="after each timing, trace --profile-steps more decode steps into "

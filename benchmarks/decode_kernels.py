@@ -10,7 +10,7 @@ per iteration of the scanned MoE stack (one MoE layer), memcpys apart.
   python benchmarks/decode_kernels.py --variants bf16/b1 fp8/b1/mtp bf16/b8/unstacked
   python benchmarks/decode_kernels.py --variants bf16/b1 --list        # launches in order
 
-A variant is precision/b<batch>[/mtp][/unstacked][/attnkernel]; precision bf16 or fp8 (e4m3 weights with
+A variant is precision/b<batch>[/mtp][/unstacked][/attnkernel][/xlaabsorb]; precision bf16 or fp8 (e4m3 weights with
 block scales, as benchmarks/decode.py builds them). MTP variants of a config without an MTP
 module (V2-Lite) get one, as DeepSeek-V3 has (num_nextn_predict_layers = 1). /attnkernel decodes
 attention through pallas_kernels.mla_decode (Engine(attention_kernel=True)) instead of XLA.
@@ -41,15 +41,18 @@ VARIANTS = ("bf16/b1", "bf16/b1/attnkernel", "bf16/b8", "fp8/b1", "fp8/b8", "bf1
 def parse_variant(v: str) -> dict:
   parts = v.split("/")
   if len(parts) < 2 or parts[0] not in ("bf16", "fp8") or not parts[1].startswith("b") or any(
-      p not in ("mtp", "unstacked", "attnkernel") for p in parts[2:]):
-    raise ValueError(f"variant {v!r}: expected precision/b<batch>[/mtp][/unstacked][/attnkernel], "
+      p not in ("mtp", "unstacked", "attnkernel", "xlaabsorb") for p in parts[2:]):
+    raise ValueError(f"variant {v!r}: expected precision/b<batch>[/mtp][/unstacked][/attnkernel]"
+                     "[/xlaabsorb], "
                      "precision bf16 or fp8, e.g. bf16/b1/mtp")
   return dict(fp8=parts[0] == "fp8", batch=int(parts[1][1:]), mtp="mtp" in parts[2:],
-              unstack="unstacked" in parts[2:], attention_kernel="attnkernel" in parts[2:])
+              unstack="unstacked" in parts[2:], attention_kernel="attnkernel" in parts[2:],
+              absorb_kernel="xlaabsorb" not in parts[2:])
 
 
 def compile_step(config: str, *, fp8: bool = False, batch: int = 1, mtp: bool = False,
-                 unstack: bool = False, attention_kernel: bool = False, max_len: int = 832):
+                 unstack: bool = False, attention_kernel: bool = False,
+                 absorb_kernel: bool = True, max_len: int = 832):
   """(Compiled, seconds) of one decode step of the model `config` for the H100."""
   from flax import nnx
   from dsv3_jax import generate
@@ -68,7 +71,8 @@ def compile_step(config: str, *, fp8: bool = False, batch: int = 1, mtp: bool = 
                       fp8=fp8, fp8_backend="auto")
       return m.unstack_layers(free=False) if unstack else m    # abstract: unstack while tracing
 
-    engine = generate.Engine(nnx.eval_shape(make), mtp=mtp, attention_kernel=attention_kernel)
+    engine = generate.Engine(nnx.eval_shape(make), mtp=mtp, attention_kernel=attention_kernel,
+                             absorb_kernel=absorb_kernel)
     cache = jax.eval_shape(lambda: init_cache(cfg, batch, max_len, engine.cache_dtype,
                                               with_mtp=mtp))
     tok = jax.ShapeDtypeStruct((batch,), jnp.int32)

@@ -194,9 +194,12 @@ class Engine:
       the model is set.
     attention_kernel: decode attention through the MLA decode kernel
       (`Transformer.use_attention_kernel`, changing `model` in place); default: as the model is
-      set (off unless turned on: not yet timed on a GPU, and at batch 1 it launches as many
-      kernels as XLA's attention; it reads only the visible slots, which matters at long
-      contexts and large batches).
+      set (off unless turned on: on an H100, V2-Lite, it was 3–4 % faster at batch 8 but 11 %
+      slower at bf16 batch 1, docs/benchmarks.md decode round 5; it reads only the visible
+      slots, which matters at long contexts).
+    absorb_kernel: decode the W_UK absorption through pallas_kernels.mla_absorb
+      (`Transformer.use_absorb_kernel`, changing `model` in place); default: on GPUs, elsewhere
+      as the model is set.
     unstack: give every layer arrays of its own (`Transformer.unstack_layers`, changing `model`
       in place); compile time then grows with depth.
   """
@@ -204,7 +207,7 @@ class Engine:
   def __init__(self, model, *, mtp: bool = False, chunk: int = 8, cache_dtype=None,
                prefill_tokens: int = 8192, expert_gemv: bool | None = None,
                dense_gemv: bool | None = None, attention_kernel: bool | None = None,
-               unstack: bool = False):
+               absorb_kernel: bool | None = None, unstack: bool = False):
     if mtp and not len(model.mtp):
       raise ValueError("--mtp needs a model with an MTP module (num_nextn_predict_layers ≥ 1); "
                        "this checkpoint has none")
@@ -214,6 +217,8 @@ class Engine:
       model.use_dense_gemv(dense_gemv)
     if attention_kernel is not None:
       model.use_attention_kernel(attention_kernel)
+    if absorb_kernel is not None or jax.devices()[0].platform == "gpu":
+      model.use_absorb_kernel(absorb_kernel)
     if unstack:
       model.unstack_layers()
     self.cfg = model.cfg

@@ -22,6 +22,7 @@ from dsv3_jax.config import ModelConfig
 from dsv3_jax.layers import Linear, RMSNorm, apply_rope, rope_attention_factor, rope_inv_freq
 from dsv3_jax.remat import ATTENTION, with_saved_vjp
 from pallas_kernels.fp8_ops import Fp8Backend
+from pallas_kernels import mla_absorb
 from pallas_kernels.mla_decode import mla_decode
 
 AttnMode = Literal["full", "absorbed"]
@@ -64,9 +65,15 @@ class MLA(nnx.Module):
   layer's slice, two GEMMs, a softmax and a slice over every slot; deviceless H100 compile of a
   V2-Lite decode step, benchmarks/decode_kernels.py: the same 27 kernels per MoE layer at
   batch 1, 29 -> 27 at batch 8).
+
+  `absorb_kernel` (Transformer.use_absorb_kernel; generate.Engine turns it on on GPUs): the W_UK
+  absorption of at most 16 decoding rows runs through pallas_kernels.mla_absorb, which reads
+  kv_b_proj's weight (a scanned stack's whole, at the layer index) in place, instead of XLA's
+  column reduction fused with RoPE and the concatenation (9.9 µs per V2-Lite layer on an H100).
   """
 
   decode_kernel: bool = False
+  absorb_kernel: bool = False
 
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, param_dtype=jnp.float32,
                fp8: bool = False, fp8_backend: Fp8Backend | None = None,
@@ -201,14 +208,32 @@ class MLA(nnx.Module):
 
   def takes_decode_kernel(self, rows: int, dtype) -> bool:
     """`decode_kernel` on (Transformer.use_attention_kernel), at most 16 query rows (B·T:
-    decoding), and widths the kernel's tiles take (C, R powers of two; on a GPU ≥ 16 heads per
-    program, the M of its tensor-core products)."""
+    decoding), and widths the kernel's tiles take (C, R powers of two; heads are taken 16 per
+    program, those past N masked). Any float dtype: it is opt-in (float32 products run at
+    HIGHEST precision, slower than bf16's)."""
     pow2 = lambda v: v >= 1 and v & (v - 1) == 0
-    on_gpu = jax.devices()[0].platform == "gpu"
     return (self.decode_kernel and rows <= DECODE_KERNEL_MAX_ROWS
-            and pow2(self.kv_lora_rank) and pow2(self.rope_dim)
-            and (self.num_heads >= 16 or not on_gpu)
-            and (dtype != jnp.float32 or not on_gpu))  # float32 tensor-core products: slow
+            and pow2(self.kv_lora_rank) and pow2(self.rope_dim))
+
+  def takes_absorb_kernel(self, rows: int) -> bool:
+    """`absorb_kernel` on, at most 16 query rows (B·T: decoding), widths the kernel takes."""
+    return (self.absorb_kernel and rows <= mla_absorb.MAX_ROWS
+            and mla_absorb.supported(self.num_heads, self.nope_dim, self.v_dim,
+                                     self.kv_lora_rank, self.kv_b_proj.weight_scale_inv is not None))
+
+  def _absorb_uk_kernel(self, q_nope):
+    """q_nope [B, T, N, H] → q_lat [B, T, N, C] through pallas_kernels.mla_absorb."""
+    lin = self.kv_b_proj
+    w = lin.weight.get_value()
+    scale = None if lin.weight_scale_inv is None else lin.weight_scale_inv.get_value()
+    index = None
+    if hasattr(w, "stack"):                       # moe.LayerOfStack: read layer `index` in place
+      w, index = w.stack, w.index
+      scale = None if scale is None else scale.stack
+    b, t, n, h = q_nope.shape
+    q_lat = mla_absorb.absorb_uk(q_nope.reshape(b * t, n, h), w, scale, index, v_dim=self.v_dim,
+                                 interpret=jax.devices()[0].platform != "gpu")
+    return q_lat.reshape(b, t, n, -1)
 
   def _absorbed(self, q_nope, q_pe, attend):
     """q_nope [B, T, N, H], q_pe [B, T, N, R] roped; attend: [B, T, N, C + R] absorbed queries
@@ -219,7 +244,9 @@ class MLA(nnx.Module):
     w_uk, w_uv = w[:, :self.nope_dim], w[:, self.nope_dim:]  # [N, H, C], [N, V, C]
     f32 = jnp.float32
     b, t, n, h = q_nope.shape
-    if b * t == 1:
+    if self.takes_absorb_kernel(b * t):
+      q_lat = self._absorb_uk_kernel(q_nope)
+    elif b * t == 1:
       # one row: multiply + reduce over the weight's own layout (a dot lets XLA pick a
       # transposed float32 copy of W_UK and W_UV first: 2 × 4 MB per V2-Lite layer)
       q_lat = (q_nope[0, 0, :, :, None].astype(f32) * w_uk.astype(f32)).sum(1)   # [N, C]

@@ -169,8 +169,9 @@ def cast_product_weights(module: nnx.Module, dtype) -> nnx.Module:
 
 def _whole_in_place(layers: nnx.Module, rows: int, dtype) -> set[tuple]:
   """Paths (in the stacked state) of the parameters that this call's kernels read in place
-  from the whole stack: the routed experts' weights when `Experts.takes_gemv`, and the weights
-  of every `Linear` that `takes_gemv` for these rows of activations in `dtype`."""
+  from the whole stack: the routed experts' weights when `Experts.takes_gemv`, the weights of
+  every `Linear` that `takes_gemv` for these rows of activations in `dtype`, and kv_b_proj's
+  when its MLA `takes_absorb_kernel`."""
   whole = set()
   experts = getattr(getattr(layers, "mlp", None), "experts", None)
   if experts is not None and experts.takes_gemv(rows, layers.mlp.gate.cfg.num_experts_per_tok):
@@ -178,6 +179,8 @@ def _whole_in_place(layers: nnx.Module, rows: int, dtype) -> set[tuple]:
   for path, node in nnx.iter_graph(layers):
     if isinstance(node, Linear) and node.takes_gemv(rows, dtype):
       whole |= {(*path, "weight"), (*path, "weight_scale_inv")}
+    if isinstance(node, MLA) and node.takes_absorb_kernel(rows):
+      whole |= {(*path, "kv_b_proj", "weight"), (*path, "kv_b_proj", "weight_scale_inv")}
   return whole
 
 
@@ -369,9 +372,17 @@ class Transformer(nnx.Module):
     """Absorbed attention of at most 16 query rows (decoding) runs through the MLA decode
     kernel (pallas_kernels.mla_decode; interpret mode off GPUs), which reads each layer's rows
     of the stacked cache in place and only the slots up to each query's position. `on` None:
-    on GPUs. generate.Engine leaves it off unless asked (attention_kernel=True): not yet timed
-    on a GPU. Returns self."""
+    on GPUs. generate.Engine leaves it off unless asked (attention_kernel=True): on an H100 it
+    helped at batch 8 and slowed bf16 batch 1 (docs/benchmarks.md, decode round 5). Returns
+    self."""
     return self._switch(MLA, "decode_kernel", on)
+
+  def use_absorb_kernel(self, on: bool | None = None) -> "Transformer":
+    """The W_UK absorption of at most 16 decoding query rows runs through
+    pallas_kernels.mla_absorb (interpret mode off GPUs), reading kv_b_proj's weight in place
+    (in a scanned stack: the whole stack at the layer index). `on` None: on GPUs. For
+    inference. Returns self."""
+    return self._switch(MLA, "absorb_kernel", on)
 
   def _switch(self, kind: type, flag: str, on: bool | None) -> "Transformer":
     """Sets `flag` to `on` (None: on GPUs) on every `kind` module of the model."""

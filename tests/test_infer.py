@@ -129,6 +129,7 @@ def test_orbax_checkpoint_gives_the_same_output(ckpt, tmp_path, capsys):
 def test_gemv_option_reaches_the_engine():
   args = infer.parse_args(["--ckpt", "x", "--prompt", "p", "--gemv", "off", "--chunk", "4"])
   assert infer.engine_options(args) == dict(chunk=4, unstack=False, expert_gemv=False,
-                                            dense_gemv=False)
+                                            dense_gemv=False, absorb_kernel=False)
   default = infer.engine_options(infer.parse_args(["--ckpt", "x", "--prompt", "p"]))
   assert default["expert_gemv"] is None and default["dense_gemv"] is None
+  assert default["absorb_kernel"] is None
