@@ -10,10 +10,12 @@ per iteration of the scanned MoE stack (one MoE layer), memcpys apart.
   python benchmarks/decode_kernels.py --variants bf16/b1 fp8/b1/mtp bf16/b8/unstacked
   python benchmarks/decode_kernels.py --variants bf16/b1 --list        # launches in order
 
-A variant is precision/b<batch>[/mtp][/unstacked][/attnkernel][/xlaabsorb]; precision bf16 or fp8 (e4m3 weights with
-block scales, as benchmarks/decode.py builds them). MTP variants of a config without an MTP
-module (V2-Lite) get one, as DeepSeek-V3 has (num_nextn_predict_layers = 1). /attnkernel decodes
-attention through pallas_kernels.mla_decode (Engine(attention_kernel=True)) instead of XLA.
+A variant is precision/b<batch>[/mtp][/unstacked][/attnkernel][/xlaabsorb]; precision bf16 or
+fp8 (e4m3 weights with block scales, as benchmarks/decode.py builds them). MTP variants of a
+config without an MTP module (V2-Lite) get one, as DeepSeek-V3 has (num_nextn_predict_layers =
+1). /attnkernel decodes attention through pallas_kernels.mla_decode
+(Engine(attention_kernel=True)) instead of XLA; /xlaabsorb keeps the W_UK absorption on XLA
+(Engine(absorb_kernel=False)).
 """
 
 from __future__ import annotations

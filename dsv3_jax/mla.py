@@ -217,9 +217,10 @@ class MLA(nnx.Module):
 
   def takes_absorb_kernel(self, rows: int) -> bool:
     """`absorb_kernel` on, at most 16 query rows (B·T: decoding), widths the kernel takes."""
+    fp8 = self.kv_b_proj.weight_scale_inv is not None
     return (self.absorb_kernel and rows <= mla_absorb.MAX_ROWS
             and mla_absorb.supported(self.num_heads, self.nope_dim, self.v_dim,
-                                     self.kv_lora_rank, self.kv_b_proj.weight_scale_inv is not None))
+                                     self.kv_lora_rank, fp8))
 
   def _absorb_uk_kernel(self, q_nope):
     """q_nope [B, T, N, H] → q_lat [B, T, N, C] through pallas_kernels.mla_absorb."""

@@ -87,7 +87,8 @@ def test_generation_through_the_kernel_equals_xla(fp8):
   assert attn.takes_absorb_kernel(1) and attn.takes_absorb_kernel(16)
   assert not attn.takes_absorb_kernel(17)                            # prefill keeps XLA
   whole = _whole_in_place(model.moe_layers, 3, jnp.bfloat16)
-  assert {("self_attn", "kv_b_proj", "weight"), ("self_attn", "kv_b_proj", "weight_scale_inv")} <= whole
+  kv_b = ("self_attn", "kv_b_proj")
+  assert {(*kv_b, "weight"), (*kv_b, "weight_scale_inv")} <= whole
   assert not _whole_in_place(model.moe_layers, 17, jnp.bfloat16)
   run = lambda m, prompts, **kw: [o.output_ids for o in Engine(m, chunk=3, **kw).generate(
       prompts, max_new_tokens=6)[0]]
