@@ -41,4 +41,4 @@ info: setup
 	$(PY) -m dsv3_jax info configs/deepseek_v3_671b.json
 
 clean:
-	rm -rf $(VENV) .pytest_cache "$${TMPDIR:-/tmp}/dsv3-jax-test-cache-$$(id -u)"
+	rm -rf $(VENV) .pytest_cache

@@ -2,22 +2,8 @@
 
 import gc
 import os
-import tempfile
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
-# JAX's persistent compilation cache, shared by the test processes (pytest-xdist workers and the
-# train.py / infer.py runs the tests start, which inherit these variables): many tests compile
-# the same programs (the tiny model's init, train step, decode step), and a cached one loads in
-# a fraction of its compile time. The cache key covers the program, the compile options and
-# flags, and the jax/jaxlib versions; a size limit turns on JAX's LRU eviction, whose file lock
-# (the `filelock` package) makes the workers' reads and writes safe. DSV3_TEST_COMPILE_CACHE
-# picks the directory; "off" disables it.
-_CACHE = os.environ.get("DSV3_TEST_COMPILE_CACHE",
-                        os.path.join(tempfile.gettempdir(), f"dsv3-jax-test-cache-{os.getuid()}"))
-if _CACHE != "off":
-  os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", _CACHE)
-  os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.3")
-  os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(4 << 30))
 if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
   os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
                              + " --xla_force_host_platform_device_count=8").strip()
