@@ -176,13 +176,17 @@ class Linear(nnx.Module):
       return dtype == jnp.float8_e4m3fn
     return rows >= 2 and dtype == x_dtype and dtype in (jnp.bfloat16, jnp.float16)
 
-  def _gemv(self, x: jax.Array, out_dtype) -> jax.Array:
+  def in_place_operands(self) -> tuple[jax.Array, jax.Array | None, jax.Array | None]:
+    """(weight, scale_inv or None, layer index or None) for a kernel that reads the weight in
+    place: inside a scanned stack (moe.LayerOfStack) the whole stacks and the layer index."""
     w = self.weight.get_value()
     scale = None if self.weight_scale_inv is None else self.weight_scale_inv.get_value()
-    index = None
-    if hasattr(w, "stack"):                       # moe.LayerOfStack: read layer `index` in place
-      w, index = w.stack, w.index
-      scale = None if scale is None else scale.stack
+    if not hasattr(w, "stack"):
+      return w, scale, None
+    return w.stack, None if scale is None else scale.stack, w.index
+
+  def _gemv(self, x: jax.Array, out_dtype) -> jax.Array:
+    w, scale, index = self.in_place_operands()
     *lead, k = x.shape
     y = gemv(x.reshape(-1, k), w, scale, index, out_dtype=out_dtype,
              scale_fmt=self.fp8_backend.scale_fmt,

@@ -224,13 +224,7 @@ class MLA(nnx.Module):
 
   def _absorb_uk_kernel(self, q_nope):
     """q_nope [B, T, N, H] → q_lat [B, T, N, C] through pallas_kernels.mla_absorb."""
-    lin = self.kv_b_proj
-    w = lin.weight.get_value()
-    scale = None if lin.weight_scale_inv is None else lin.weight_scale_inv.get_value()
-    index = None
-    if hasattr(w, "stack"):                       # moe.LayerOfStack: read layer `index` in place
-      w, index = w.stack, w.index
-      scale = None if scale is None else scale.stack
+    w, scale, index = self.kv_b_proj.in_place_operands()
     b, t, n, h = q_nope.shape
     q_lat = mla_absorb.absorb_uk(q_nope.reshape(b * t, n, h), w, scale, index, v_dim=self.v_dim,
                                  interpret=jax.devices()[0].platform != "gpu")

@@ -7,7 +7,8 @@ the layer's slice of the stacked cache, two GEMM fusions, a softmax and a slice 
 over every slot of the cache (a deviceless H100 compile of a V2-Lite decode step counts 5
 kernels); here it is one launch plus the combine (2 small fusions), and the kernel reads the
 layer of the stacked [L, B, S, C + R] cache in place (the layer index is an operand), only the
-slots up to each query's position. Not yet timed on a GPU.
+slots up to each query's position. Opt-in (H100, V2-Lite: faster at batch 8, slower at bf16 batch 1;
+docs/benchmarks.md, decode round 5).
 
 Flash-decoding: the grid is (query rows B·T, head blocks, key splits); each program streams its
 split's slots in blocks of `block_s` keys through an online softmax (tensor-core products of the
