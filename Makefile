@@ -8,7 +8,10 @@ PYTHON ?= $(shell v=$$(cat .python-version 2>/dev/null); \
 	         "$$(command -v python3.12)" "$$(command -v python3.13)" "$$(command -v python3)"; do \
 	  [ -x "$$p" ] && "$$p" -c 'import sys; sys.exit(sys.version_info < (3, 12))' 2>/dev/null && { echo "$$p"; break; }; \
 	done)
-TEST_ENV := JAX_PLATFORMS=cpu XLA_FLAGS=--xla_force_host_platform_device_count=8
+CPU_ENV := JAX_PLATFORMS=cpu XLA_FLAGS=--xla_force_host_platform_device_count=8
+# The tests add LLVM optimization level 0: about 12% less wall time on 2 cores (compiles dominate;
+# the small test programs run no slower), same results.
+TEST_ENV := JAX_PLATFORMS=cpu XLA_FLAGS="--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0"
 # test processes (pytest-xdist, whole files per process: module fixtures are built once)
 TEST_WORKERS ?= 2
 
@@ -27,12 +30,12 @@ $(VENV)/.stamp: pyproject.toml constraints.txt
 
 # The demo model trained by train.py (docs/train.md), completing Python on the CPU.
 demo: setup
-	$(TEST_ENV) $(PY) infer.py --ckpt $(DEMO_CKPT) --raw --prompt "def fibonacci(n):" \
+	$(CPU_ENV) $(PY) infer.py --ckpt $(DEMO_CKPT) --raw --prompt "def fibonacci(n):" \
 	  --prompt "class Stack:" --temperature 0.6 --top-k 40 --max-new-tokens 64 --mtp
 
 # A tiny HF-format fixture: load, compare with HF transformers' logits, decode.
 demo-tiny: setup
-	$(TEST_ENV) $(PY) -m dsv3_jax demo
+	$(CPU_ENV) $(PY) -m dsv3_jax demo
 
 test: setup
 	$(TEST_ENV) $(PY) -m pytest tests -n $(TEST_WORKERS) --dist loadfile
