@@ -200,6 +200,9 @@ class Engine:
     absorb_kernel: decode the W_UK absorption through pallas_kernels.mla_absorb
       (`Transformer.use_absorb_kernel`, changing `model` in place); default: on GPUs, elsewhere
       as the model is set.
+    merged_shared: one decoding token reads its shared experts in the routed experts' fused
+      gather (`Transformer.use_merged_shared`, changing `model` in place); default: as the
+      model is set (off unless turned on).
     unstack: give every layer arrays of its own (`Transformer.unstack_layers`, changing `model`
       in place); compile time then grows with depth.
   """
@@ -207,7 +210,8 @@ class Engine:
   def __init__(self, model, *, mtp: bool = False, chunk: int = 8, cache_dtype=None,
                prefill_tokens: int = 8192, expert_gemv: bool | None = None,
                dense_gemv: bool | None = None, attention_kernel: bool | None = None,
-               absorb_kernel: bool | None = None, unstack: bool = False):
+               absorb_kernel: bool | None = None, merged_shared: bool | None = None,
+               unstack: bool = False):
     if mtp and not len(model.mtp):
       raise ValueError("--mtp needs a model with an MTP module (num_nextn_predict_layers ≥ 1); "
                        "this checkpoint has none")
@@ -219,6 +223,8 @@ class Engine:
       model.use_attention_kernel(attention_kernel)
     if absorb_kernel is not None or jax.devices()[0].platform == "gpu":
       model.use_absorb_kernel(absorb_kernel)
+    if merged_shared is not None:
+      model.use_merged_shared(merged_shared)
     if unstack:
       model.unstack_layers()
     self.cfg = model.cfg

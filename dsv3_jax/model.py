@@ -361,6 +361,13 @@ class Transformer(nnx.Module):
         layer.mlp.experts.gemv = on
     return self
 
+  def use_merged_shared(self, on: bool | None = None) -> "Transformer":
+    """One decoding token reads its shared experts in the routed experts' fused gather (as S
+    more experts, `MoE.merge_shared`) instead of in three projections of their own. `on`
+    None: on GPUs. Rounding differs from the separate path (one weighted sum). For inference.
+    Returns self."""
+    return self._switch(MoE, "merge_shared", on)
+
   def use_dense_gemv(self, on: bool | None = None) -> "Transformer":
     """Projections (`Linear`) of at most 16 rows (decoding) run through the GEMV kernel
     (pallas_kernels.gemv; interpret mode off GPUs) instead of XLA's dot or the FP8 GEMM; in a

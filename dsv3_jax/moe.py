@@ -208,6 +208,7 @@ class Experts(nnx.Module):
   """
 
   gemv: bool = False
+  gemv_min_rows: int = 2    # fewer tokens keep XLA's fused gather (see takes_gemv)
 
   def __init__(self, num: int, dim: int, hidden: int, *, rngs: nnx.Rngs, std: float,
                param_dtype=jnp.float32, fp8: bool = False, fp8_backend: Fp8Backend | None = None):
@@ -278,7 +279,7 @@ class Experts(nnx.Module):
     (M·K ≤ E) but more than one token (for one token XLA's fused gather was as fast: 293 vs
     287 tok/s for V2-Lite on an H100, docs/benchmarks.md), and D, F whole 128-wide slabs."""
     widths = (self.gate_proj.shape[-1], self.down_proj.shape[-1])
-    return (self.gemv and 2 <= m and m * k <= self.num_experts
+    return (self.gemv and self.gemv_min_rows <= m and m * k <= self.num_experts
             and all(w % 128 == 0 for w in widths))
 
   def _gemv(self, x, routing):
@@ -301,24 +302,39 @@ class Experts(nnx.Module):
     y = y.sum(0).reshape(m, k, -1)                                 # [M, K, D] float32
     return jnp.einsum("mkd,mk->md", y, routing.weights).astype(x.dtype)
 
-  def _gathered(self, x, routing):
-
+  def gathered_weight(self, name: str, experts: jax.Array) -> jax.Array:
+    """The weights `name` of the experts `experts` [M, K] as float32 [M, K, ...] (dequantized
+    if FP8): a gather that XLA fuses into the reduction that reads it."""
     # expert ids come from top_k, so in range: "clip" is XLA's native gather (the default
     # "fill" adds an in-bounds mask, one more kernel per layer)
-    def weight(name):
-      w = jnp.take(getattr(self, name)[...], routing.experts, axis=0, mode="clip")  # [M, K, ...]
-      scale = getattr(self, name + "_scale_inv")
-      if scale is not None:
-        w = dequantize_blocks(w, jnp.take(scale[...], routing.experts, axis=0, mode="clip"),
-                              jnp.float32)
-      return w.astype(jnp.float32)
+    w = jnp.take(getattr(self, name)[...], experts, axis=0, mode="clip")  # [M, K, ...]
+    scale = getattr(self, name + "_scale_inv")
+    if scale is not None:
+      w = dequantize_blocks(w, jnp.take(scale[...], experts, axis=0, mode="clip"), jnp.float32)
+    return w.astype(jnp.float32)
 
-    # multiply + reduce (not a dot): XLA fuses the gather into the reduction on every backend
-    xf = x.astype(jnp.float32)[:, None, None, :]
-    h = jax.nn.silu((xf * weight("gate_proj")).sum(-1)) * (xf * weight("up_proj")).sum(-1)
-    h = h.astype(x.dtype).astype(jnp.float32)  # round like the sorted path's bf16 activations
-    y = (h[:, :, None, :] * weight("down_proj")).sum(-1).astype(x.dtype)  # [M, K, D]
-    return jnp.einsum("mkd,mk->md", y.astype(jnp.float32), routing.weights).astype(x.dtype)
+  def _gathered(self, x, routing):
+    w = lambda name: self.gathered_weight(name, routing.experts)
+    return swiglu_by_reduction(x, w("gate_proj"), w("up_proj"), w("down_proj"), routing.weights)
+
+
+def swiglu_by_reduction(x: jax.Array, gate: jax.Array, up: jax.Array, down: jax.Array,
+                        weights: jax.Array) -> jax.Array:
+  """Σ_k weights[m, k] · down_k(silu(gate_k x_m) · up_k x_m) for few rows, each product a
+  multiply + reduce (not a dot): XLA fuses the weights' gathers into the reductions on every
+  backend, so only the chosen experts are read.
+
+  Args:
+    x: [M, D]; gate, up: [M, K, F, D] and down: [M, K, D, F] float32; weights: [M, K].
+  Returns:
+    [M, D] in x's dtype; each expert's output is rounded to it before the weighted sum, like
+    the sorted path's.
+  """
+  xf = x.astype(jnp.float32)[:, None, None, :]
+  h = jax.nn.silu((xf * gate).sum(-1)) * (xf * up).sum(-1)
+  h = h.astype(x.dtype).astype(jnp.float32)  # round like the sorted path's bf16 activations
+  y = (h[:, :, None, :] * down).sum(-1).astype(x.dtype)  # [M, K, D]
+  return jnp.einsum("mkd,mk->md", y.astype(jnp.float32), weights).astype(x.dtype)
 
 
 class MoE(nnx.Module):
@@ -327,7 +343,14 @@ class MoE(nnx.Module):
   `dispatch(experts, x [M, D], routing) → [M, D]` applies the routed experts; None: the local
   sorted dispatch (`Experts.__call__`). Expert parallelism passes an
   `expert_parallel.ExpertParallel` here.
+
+  `merge_shared` (Transformer.use_merged_shared; decoding): one token whose routed experts take
+  XLA's fused gather reads the shared experts in the same two reductions, as S more experts of
+  width F (the shared MLP's hidden layer split in S = hidden / F parts) with weight 1, instead
+  of three more projections and an add.
   """
+
+  merge_shared: bool = False
 
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, param_dtype=jnp.float32,
                fp8: bool = False, fp8_backend: Fp8Backend | None = None, dispatch=None):
@@ -345,15 +368,47 @@ class MoE(nnx.Module):
     shape = x.shape
     xt = x.reshape(-1, shape[-1])
     routing = self.gate(xt)
-    y = (self.experts(xt, routing) if self.dispatch is None
-         else self.dispatch(self.experts, xt, routing))
-    if self.shared_experts is not None:
-      y = y + self.shared_experts(xt)
+    if self.takes_merged_shared(xt.shape[0]):
+      y = self._merged_shared(xt, routing)
+    else:
+      y = (self.experts(xt, routing) if self.dispatch is None
+           else self.dispatch(self.experts, xt, routing))
+      if self.shared_experts is not None:
+        y = y + self.shared_experts(xt)
     if not with_aux:
       return y.reshape(shape)
     stats = routing_stats(routing.scores.reshape(*shape[:-1], -1),
                           routing.experts.reshape(*shape[:-1], -1), self.experts.num_experts)
     return y.reshape(shape), stats
+
+  def takes_merged_shared(self, m: int) -> bool:
+    """Whether M tokens take `merge_shared`'s path: it is on, one token, the local dispatch's
+    fused gather (not the GEMV kernels, not FP8 training), and a shared hidden width that is
+    a whole number of expert widths."""
+    ex, sh = self.experts, self.shared_experts
+    if not (self.merge_shared and m == 1 and sh is not None and self.dispatch is None):
+      return False
+    k = self.gate.cfg.num_experts_per_tok
+    if ex.takes_gemv(m, k) or k > ex.num_experts or (ex.fp8_backend.training
+                                                      and ex.gate_proj_scale_inv is None):
+      return False
+    return sh.gate_proj.out_features % ex.gate_proj.shape[-2] == 0
+
+  def _merged_shared(self, x, routing):
+    """One token's routed and shared experts in one gathered pass (merge_shared)."""
+    ex, sh = self.experts, self.shared_experts
+    f, d = ex.gate_proj.shape[-2], x.shape[-1]
+    s = sh.gate_proj.out_features // f
+
+    def both(name, shared):
+      return jnp.concatenate([ex.gathered_weight(name, routing.experts), shared[None]], axis=1)
+
+    dense = lambda lin: lin.dense_weight(jnp.float32)
+    gate = both("gate_proj", dense(sh.gate_proj).reshape(s, f, d))
+    up = both("up_proj", dense(sh.up_proj).reshape(s, f, d))
+    down = both("down_proj", dense(sh.down_proj).reshape(d, s, f).transpose(1, 0, 2))
+    weights = jnp.concatenate([routing.weights, jnp.ones((1, s), routing.weights.dtype)], axis=1)
+    return swiglu_by_reduction(x, gate, up, down, weights)
 
 
 def dense_moe_reference(moe: MoE, x: jax.Array) -> jax.Array:

@@ -8,7 +8,7 @@ from flax import nnx
 
 from conftest import fixture_path
 from dsv3_jax import load_config
-from dsv3_jax.moe import (MoE, Router, dense_moe_reference, grouped_matmul, inverse_permutation,
+from dsv3_jax.moe import (MLP, MoE, Router, dense_moe_reference, grouped_matmul, inverse_permutation,
                           permute_rows, unpermute_rows)
 
 
@@ -128,3 +128,66 @@ def test_token_permutations_are_gathers_equal_to_scatter_autodiff():
       x, w).jaxpr.eqns if e.primitive.name.startswith("scatter")]
   assert [e.outvars[0].aval.shape for e in scatters(ours)] == [(m * k,)]
   assert len(scatters(plain)) >= 2
+
+
+@pytest.mark.parametrize("fp8", [False, True])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_merged_shared_experts_equal_the_separate_path(fp8, dtype):
+  """One token's shared experts read as S more experts of the fused gather (MoE.merge_shared)
+  give the separate path's output: to float32 rounding, and in bf16 no further from the float32
+  result of the same weights than the separate path is; more tokens, or the GEMV kernels, keep
+  the separate path."""
+  cfg = load_config(fixture_path("tiny_v3")).replace(
+      hidden_size=128, moe_intermediate_size=128, n_routed_experts=16, n_shared_experts=2,
+      num_experts_per_tok=4, initializer_range=0.2)
+  moe = MoE(cfg, rngs=nnx.Rngs(3), fp8=fp8, param_dtype=dtype)
+  x = jax.random.normal(jax.random.key(4), (1, 1, cfg.hidden_size)).astype(dtype)
+  with jax.default_matmul_precision("highest"):     # no TF32 in the separate path's dots on GPUs
+    want = moe(x)
+    moe.merge_shared = True
+    assert moe.takes_merged_shared(1) and not moe.takes_merged_shared(2)
+    got = moe(x)
+  scale = np.abs(np.asarray(want, np.float32)).max()
+  assert scale > 0.1
+  if dtype == jnp.float32:
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5 * scale)
+    # the shared experts are in it: without them the output differs
+    routed = moe.experts(x.reshape(1, -1), moe.gate(x.reshape(1, -1))).reshape(x.shape)
+    assert np.abs(np.asarray(got - routed)).max() > 0.01 * scale
+  else:   # both against the same bf16 weights and input computed in float32
+    graphdef, state = nnx.split(moe)
+    state = jax.tree.map(lambda v: v.astype(jnp.float32) if v.dtype == jnp.bfloat16 else v,
+                         state)
+    with jax.default_matmul_precision("highest"):
+      exact = np.asarray(nnx.merge(graphdef, state)(x.astype(jnp.float32)))
+    err = lambda y: np.abs(np.asarray(y, np.float32) - exact).max()
+    assert err(got) <= 1.25 * err(want) + 1e-3 * scale, (err(got), err(want))
+    assert err(got) <= 0.02 * scale
+  moe.experts.gemv = True            # one token through the GEMV kernels: no merged gather
+  moe.experts.gemv_min_rows = 1
+  assert not moe.takes_merged_shared(1)
+  # a shared width that is no whole number of expert widths keeps the separate path
+  odd = MoE(cfg.replace(moe_intermediate_size=96), rngs=nnx.Rngs(3))
+  odd.merge_shared = True
+  assert odd.shared_experts.gate_proj.out_features == 192 and odd.takes_merged_shared(1)
+  odd.shared_experts = MLP(cfg.hidden_size, 160, rngs=nnx.Rngs(1), std=0.2)
+  assert not odd.takes_merged_shared(1)
+
+
+def test_generation_with_merged_shared_experts(monkeypatch):
+  """Greedy decoding with one token's shared experts merged into the fused gather (traced
+  inside the scanned stack) gives plain decoding's tokens (float32 model)."""
+  from dsv3_jax.generate import Engine
+  from dsv3_jax.model import Transformer
+  cfg = load_config(fixture_path("tiny_v3")).replace(n_shared_experts=2)
+  make = lambda: Transformer(cfg, rngs=nnx.Rngs(7), param_dtype=jnp.float32, dtype=jnp.float32)
+  merged = []
+  original = MoE._merged_shared
+  monkeypatch.setattr(MoE, "_merged_shared",
+                      lambda self, x, r: merged.append(x.shape) or original(self, x, r))
+  run = lambda **kw: [o.output_ids for o in Engine(make(), chunk=3, **kw).generate(
+      [[5, 17, 99, 3]], max_new_tokens=6)[0]]
+  want = run(merged_shared=False)
+  assert not merged
+  assert run(merged_shared=True) == want
+  assert merged and all(s[0] == 1 for s in merged)
