@@ -92,22 +92,34 @@ def run_jax(args) -> dict:
   import numpy as np
   from dsv3_jax import load_config
   from dsv3_jax.generate import Engine
+  from dsv3_jax.moe import Experts
+  from flax import nnx
 
   cfg = load_config(args.config)
   bw = copy_bandwidth()
   dev = jax.devices()[0]
   print(f"{dev.device_kind}: copy bandwidth {bw / 1e12:.2f} TB/s", flush=True)
   rows = []
+  built = None      # (precision, model, unstacked): variants of one precision share the model
   for precision, layers in [(p, l) for p in args.precisions for l in args.layers]:
     gemv = layers != "scanned-gather"
     dense_gemv = layers != "scanned-xla-dense"
-    t0 = time.perf_counter()
-    model = random_model(cfg, jnp.bfloat16, fp8=precision.startswith("fp8"),
-                         fp8_backend="xla" if precision.endswith("-xla") else "auto")
-    print(f"{precision}: random model built in {time.perf_counter() - t0:.0f}s", flush=True)
+    if built is None or built[0] != precision or built[2]:   # unstacking is not undone
+      built = None
+      t0 = time.perf_counter()
+      model = random_model(cfg, jnp.bfloat16, fp8=precision.startswith("fp8"),
+                           fp8_backend="xla" if precision.endswith("-xla") else "auto")
+      print(f"{precision}: random model built in {time.perf_counter() - t0:.0f}s", flush=True)
+      built = (precision, model, False)
+    model = built[1]
+    built = (precision, model, layers == "unstacked")
+    for _, node in nnx.iter_graph(model):     # the switches below set every other flag
+      if isinstance(node, Experts):
+        node.gemv_min_rows = 1 if layers == "scanned-gemv1" else 2
     engine = Engine(model, chunk=args.chunk, unstack=layers == "unstacked", expert_gemv=gemv,
                     dense_gemv=dense_gemv, attention_kernel=layers == "scanned-attn-kernel",
-                    absorb_kernel=layers != "scanned-xla-absorb")
+                    absorb_kernel=layers != "scanned-xla-absorb",
+                    merged_shared=layers == "scanned-shared")
     max_len = args.prompt + args.new_tokens + 64
     for batch in args.batches:
       rng = np.random.default_rng(batch)
@@ -115,7 +127,9 @@ def run_jax(args) -> dict:
       t0 = time.perf_counter()
       engine.generate(prompts, max_new_tokens=2 * args.chunk + 1, max_len=max_len)  # compile
       compile_s = time.perf_counter() - t0
-      _, st = engine.generate(prompts, max_new_tokens=args.new_tokens, max_len=max_len)
+      runs = [engine.generate(prompts, max_new_tokens=args.new_tokens, max_len=max_len)[1]
+              for _ in range(args.repeats)]
+      st = sorted(runs, key=lambda r: r.decode_tok_s)[len(runs) // 2]       # the median run
       if args.profile:
         with jax.profiler.trace(os.path.join(args.profile, f"{precision}_{layers}_b{batch}")):
           engine.generate(prompts, max_new_tokens=args.profile_steps + 1, max_len=max_len)
@@ -126,12 +140,15 @@ def run_jax(args) -> dict:
                  tok_s_per_seq=st.decode_tok_s / batch, step_ms=step_ms,
                  roofline_ms=roof_ms, roofline_frac=roof_ms / step_ms,
                  ttft_s=st.time_to_first_token_s, prefill_tok_s=st.prefill_tok_s,
-                 gb_per_step=need / 1e9, warmup_s=compile_s)
+                 gb_per_step=need / 1e9, warmup_s=compile_s,
+                 decode_tok_s_runs=[r.decode_tok_s for r in runs])
       rows.append(row)
       print(f"{precision} {layers} batch {batch:>2}: {st.decode_tok_s:8.1f} tok/s "
             f"({row['tok_s_per_seq']:.1f}/seq), {step_ms:.2f} ms/step, roofline "
             f"{roof_ms:.2f} ms ({row['roofline_frac']:.0%}), prefill {st.prefill_tok_s:.0f} tok/s, "
-            f"first call (compiles) {compile_s:.0f}s", flush=True)
+            f"first call (compiles) {compile_s:.0f}s"
+            + (f"; runs {', '.join(f'{r.decode_tok_s:.1f}' for r in runs)}"
+               if len(runs) > 1 else ""), flush=True)
     del model, engine
   stats = dev.memory_stats() or {}
   return dict(device=dev.device_kind, copy_tb_s=bw / 1e12, rows=rows,
@@ -188,9 +205,12 @@ def main():
   ap.add_argument("--new-tokens", type=int, default=256)
   ap.add_argument("--hf-tokens", type=int, default=32, help="decode tokens timed for HF")
   ap.add_argument("--chunk", type=int, default=16)
+  ap.add_argument("--repeats", type=int, default=1,
+                  help="timed generate calls per case; the median's numbers are reported")
   ap.add_argument("--layers", nargs="+", default=["scanned"],
                   choices=["scanned", "scanned-gather", "scanned-xla-dense",
-                           "scanned-attn-kernel", "scanned-xla-absorb", "unstacked"],
+                           "scanned-attn-kernel", "scanned-xla-absorb", "scanned-gemv1",
+                           "scanned-shared", "unstacked"],
                   help="scanned: lax.scan over the stacked layers, routed experts of 2+ rows and "
                   "the projections of ≤ 16 rows through the GEMV kernels, which read the stacked "
                   "weights in place, and the W_UK absorption through pallas_kernels.mla_absorb "
@@ -198,8 +218,10 @@ def main():
                   "experts through XLA's gather; scanned-xla-dense: projections through XLA's "
                   "dot / act_quant + FP8 GEMM (the earlier default); scanned-attn-kernel: decode "
                   "attention through pallas_kernels.mla_decode; scanned-xla-absorb: the W_UK "
-                  "absorption through XLA (the earlier default); unstacked: every layer has "
-                  "arrays of its own")
+                  "absorption through XLA (the earlier default); scanned-gemv1: routed "
+                  "experts of one token through the GEMV kernels too; scanned-shared: one "
+                  "token's shared experts read in the routed experts' fused gather "
+                  "(Engine(merged_shared=True)); unstacked: every layer has arrays of its own")
   ap.add_argument("--profile", metavar="DIR",
                   help="after each timing, trace --profile-steps more decode steps into "
                   "DIR/<precision>_"
