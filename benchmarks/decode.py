@@ -93,29 +93,25 @@ def run_jax(args) -> dict:
   from dsv3_jax import load_config
   from dsv3_jax.generate import Engine
   from dsv3_jax.moe import Experts
-  from flax import nnx
 
   cfg = load_config(args.config)
   bw = copy_bandwidth()
   dev = jax.devices()[0]
   print(f"{dev.device_kind}: copy bandwidth {bw / 1e12:.2f} TB/s", flush=True)
   rows = []
-  built = None      # (precision, model, unstacked): variants of one precision share the model
+  model = built = None      # variants of one precision share the model (built: its precision)
   for precision, layers in [(p, l) for p in args.precisions for l in args.layers]:
     gemv = layers != "scanned-gather"
     dense_gemv = layers != "scanned-xla-dense"
-    if built is None or built[0] != precision or built[2]:   # unstacking is not undone
-      built = None
+    if built != precision:
+      model = None
       t0 = time.perf_counter()
       model = random_model(cfg, jnp.bfloat16, fp8=precision.startswith("fp8"),
                            fp8_backend="xla" if precision.endswith("-xla") else "auto")
       print(f"{precision}: random model built in {time.perf_counter() - t0:.0f}s", flush=True)
-      built = (precision, model, False)
-    model = built[1]
-    built = (precision, model, layers == "unstacked")
-    for _, node in nnx.iter_graph(model):     # the switches below set every other flag
-      if isinstance(node, Experts):
-        node.gemv_min_rows = 1 if layers == "scanned-gemv1" else 2
+    built = None if layers == "unstacked" else precision      # unstacking is not undone
+    model.use_expert_gemv(gemv, min_rows=1 if layers == "scanned-gemv1"
+                          else Experts.gemv_min_rows)
     engine = Engine(model, chunk=args.chunk, unstack=layers == "unstacked", expert_gemv=gemv,
                     dense_gemv=dense_gemv, attention_kernel=layers == "scanned-attn-kernel",
                     absorb_kernel=layers != "scanned-xla-absorb",
@@ -149,7 +145,7 @@ def run_jax(args) -> dict:
             f"first call (compiles) {compile_s:.0f}s"
             + (f"; runs {', '.join(f'{r.decode_tok_s:.1f}' for r in runs)}"
                if len(runs) > 1 else ""), flush=True)
-    del model, engine
+    del engine
   stats = dev.memory_stats() or {}
   return dict(device=dev.device_kind, copy_tb_s=bw / 1e12, rows=rows,
               peak_bytes=stats.get("peak_bytes_in_use"))

@@ -80,10 +80,8 @@ def compile_step(config: str, *, fp8: bool = False, batch: int = 1, mtp: bool = 
                       fp8=fp8, fp8_backend="auto")
       return m.unstack_layers(free=False) if unstack else m    # abstract: unstack while tracing
 
-    model = nnx.eval_shape(make)
-    for _, node in nnx.iter_graph(model):
-      if isinstance(node, Experts):
-        node.gemv_min_rows = 1 if gemv1 else 2
+    model = nnx.eval_shape(make).use_expert_gemv(
+        None, min_rows=1 if gemv1 else Experts.gemv_min_rows)
     engine = generate.Engine(model, mtp=mtp, attention_kernel=attention_kernel,
                              absorb_kernel=absorb_kernel, merged_shared=merged_shared)
     cache = jax.eval_shape(lambda: init_cache(cfg, batch, max_len, engine.cache_dtype,

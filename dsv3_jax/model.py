@@ -348,17 +348,21 @@ class Transformer(nnx.Module):
     self.mtp = nnx.List([MTPLayer(cfg, rngs=rngs, **kw)
                          for _ in range(cfg.num_nextn_predict_layers)])
 
-  def use_expert_gemv(self, on: bool | None = None) -> "Transformer":
+  def use_expert_gemv(self, on: bool | None = None, *, min_rows: int | None = None
+                      ) -> "Transformer":
     """Routed experts of few rows (decoding) run through the expert-indexed GEMV kernel
     (pallas_kernels.moe_gemv; interpret mode off GPUs) instead of XLA's gather, reading the
     chosen experts in place (scanned stacks hand it the whole stacked weight and the layer
-    index). Default: on GPUs. For inference (not under jax.checkpoint). Returns self."""
+    index). Default: on GPUs. `min_rows`: fewer tokens keep the gather (`Experts.gemv_min_rows`;
+    None leaves it). For inference (not under jax.checkpoint). Returns self."""
     if on is None:
       on = jax.devices()[0].platform == "gpu"
     layers = list(self.moe_layers) if isinstance(self.moe_layers, nnx.List) else [self.moe_layers]
     for layer in layers + [m.block for m in self.mtp]:
       if layer is not None and isinstance(layer.mlp, MoE):
         layer.mlp.experts.gemv = on
+        if min_rows is not None:
+          layer.mlp.experts.gemv_min_rows = min_rows
     return self
 
   def use_merged_shared(self, on: bool | None = None) -> "Transformer":

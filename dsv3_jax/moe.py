@@ -245,7 +245,7 @@ class Experts(nnx.Module):
       [M, D] = Σ_k weights[m, k] · E_{experts[m, k]}(x[m]).
     """
     m, k = routing.experts.shape
-    fp8_training = self.fp8_backend.training and self.gate_proj_scale_inv is None
+    fp8_training = self.quantizes_online
     if m * k <= self.num_experts and not fp8_training:
       return self._gemv(x, routing) if self.takes_gemv(m, k) else self._gathered(x, routing)
     flat = routing.experts.reshape(-1)                     # [M·K] expert of each (token, slot)
@@ -274,10 +274,21 @@ class Experts(nnx.Module):
     h = jax.nn.silu(mm(xp, "gate_proj")) * mm(xp, "up_proj")   # padding rows stay zero
     return mm(h, "down_proj")[dest]
 
+  @property
+  def quantizes_online(self) -> bool:
+    """FP8 training: float master weights quantized in every step (the sorted path only)."""
+    return self.fp8_backend.training and self.gate_proj_scale_inv is None
+
+  def takes_gathered(self, m: int, k: int) -> bool:
+    """Whether M tokens of K experts each take XLA's fused gather (`_gathered`): few rows
+    (M·K ≤ E), not the GEMV kernels, not FP8 training."""
+    return m * k <= self.num_experts and not self.quantizes_online and not self.takes_gemv(m, k)
+
   def takes_gemv(self, m: int, k: int) -> bool:
     """Whether M tokens of K experts each go through the GEMV kernels: `gemv` is on, few rows
-    (M·K ≤ E) but more than one token (for one token XLA's fused gather was as fast: 293 vs
-    287 tok/s for V2-Lite on an H100, docs/benchmarks.md), and D, F whole 128-wide slabs."""
+    (M·K ≤ E) but at least `gemv_min_rows` tokens (default 2: for one token XLA's fused gather
+    was as fast, 293 vs 287 tok/s for V2-Lite on an H100, docs/benchmarks.md), and D, F whole
+    128-wide slabs."""
     widths = (self.gate_proj.shape[-1], self.down_proj.shape[-1])
     return (self.gemv and self.gemv_min_rows <= m and m * k <= self.num_experts
             and all(w % 128 == 0 for w in widths))
@@ -386,13 +397,9 @@ class MoE(nnx.Module):
     fused gather (not the GEMV kernels, not FP8 training), and a shared hidden width that is
     a whole number of expert widths."""
     ex, sh = self.experts, self.shared_experts
-    if not (self.merge_shared and m == 1 and sh is not None and self.dispatch is None):
-      return False
-    k = self.gate.cfg.num_experts_per_tok
-    if ex.takes_gemv(m, k) or k > ex.num_experts or (ex.fp8_backend.training
-                                                      and ex.gate_proj_scale_inv is None):
-      return False
-    return sh.gate_proj.out_features % ex.gate_proj.shape[-2] == 0
+    return (self.merge_shared and m == 1 and sh is not None and self.dispatch is None
+            and ex.takes_gathered(m, self.gate.cfg.num_experts_per_tok)
+            and sh.gate_proj.out_features % ex.gate_proj.shape[-2] == 0)
 
   def _merged_shared(self, x, routing):
     """One token's routed and shared experts in one gathered pass (merge_shared)."""
