@@ -115,7 +115,8 @@ def run_jax(args) -> dict:
     engine = Engine(model, chunk=args.chunk, unstack=layers == "unstacked", expert_gemv=gemv,
                     dense_gemv=dense_gemv, attention_kernel=layers == "scanned-attn-kernel",
                     absorb_kernel=layers != "scanned-xla-absorb",
-                    merged_shared=layers == "scanned-shared")
+                    merged_shared=layers in ("scanned-shared", "scanned-fused-shared"),
+                    fused_input=layers in ("scanned-fused", "scanned-fused-shared"))
     max_len = args.prompt + args.new_tokens + 64
     for batch in args.batches:
       rng = np.random.default_rng(batch)
@@ -206,7 +207,8 @@ def main():
   ap.add_argument("--layers", nargs="+", default=["scanned"],
                   choices=["scanned", "scanned-gather", "scanned-xla-dense",
                            "scanned-attn-kernel", "scanned-xla-absorb", "scanned-gemv1",
-                           "scanned-shared", "unstacked"],
+                           "scanned-shared", "scanned-fused", "scanned-fused-shared",
+                           "unstacked"],
                   help="scanned: lax.scan over the stacked layers, routed experts of 2+ rows and "
                   "the projections of ≤ 16 rows through the GEMV kernels, which read the stacked "
                   "weights in place, and the W_UK absorption through pallas_kernels.mla_absorb "
@@ -217,7 +219,9 @@ def main():
                   "absorption through XLA (the earlier default); scanned-gemv1: routed "
                   "experts of one token through the GEMV kernels too; scanned-shared: one "
                   "token's shared experts read in the routed experts' fused gather "
-                  "(Engine(merged_shared=True)); unstacked: every layer has arrays of its own")
+                  "(Engine(merged_shared=True)); scanned-fused: each attention block's input norm "
+                  "and q/kv_a projections in one GEMV launch (Engine(fused_input=True)); "
+                  "scanned-fused-shared: both; unstacked: every layer has arrays of its own")
   ap.add_argument("--profile", metavar="DIR",
                   help="after each timing, trace --profile-steps more decode steps into "
                   "DIR/<precision>_"

@@ -10,7 +10,7 @@ per iteration of the scanned MoE stack (one MoE layer), memcpys apart.
   python benchmarks/decode_kernels.py --variants bf16/b1 fp8/b1/mtp bf16/b8/unstacked
   python benchmarks/decode_kernels.py --variants bf16/b1 --list        # launches in order
 
-A variant is precision/b<batch>[/mtp][/unstacked][/attnkernel][/xlaabsorb][/shared][/gemv1];
+A variant is precision/b<batch>[/mtp][/unstacked][/attnkernel][/xlaabsorb][/shared][/gemv1][/fusedin];
 precision bf16 or
 fp8 (e4m3 weights with block scales, as benchmarks/decode.py builds them). MTP variants of a
 config without an MTP module (V2-Lite) get one, as DeepSeek-V3 has (num_nextn_predict_layers =
@@ -18,7 +18,8 @@ config without an MTP module (V2-Lite) get one, as DeepSeek-V3 has (num_nextn_pr
 (Engine(attention_kernel=True)) instead of XLA; /xlaabsorb keeps the W_UK absorption on XLA
 (Engine(absorb_kernel=False)); /shared reads one token's shared experts in the routed experts'
 fused gather (Engine(merged_shared=True)); /gemv1 sends one token's routed experts through the
-GEMV kernels too (Experts.gemv_min_rows = 1).
+GEMV kernels too (Experts.gemv_min_rows = 1); /fusedin runs each attention block's input norm and
+q/kv_a projections in one GEMV launch (Engine(fused_input=True)).
 """
 
 from __future__ import annotations
@@ -46,21 +47,21 @@ VARIANTS = ("bf16/b1", "bf16/b1/attnkernel", "bf16/b8", "fp8/b1", "fp8/b8", "bf1
 def parse_variant(v: str) -> dict:
   parts = v.split("/")
   if len(parts) < 2 or parts[0] not in ("bf16", "fp8") or not parts[1].startswith("b") or any(
-      p not in ("mtp", "unstacked", "attnkernel", "xlaabsorb", "shared", "gemv1")
+      p not in ("mtp", "unstacked", "attnkernel", "xlaabsorb", "shared", "gemv1", "fusedin")
       for p in parts[2:]):
     raise ValueError(f"variant {v!r}: expected precision/b<batch>[/mtp][/unstacked][/attnkernel]"
-                     "[/xlaabsorb][/shared][/gemv1], "
+                     "[/xlaabsorb][/shared][/gemv1][/fusedin], "
                      "precision bf16 or fp8, e.g. bf16/b1/mtp")
   return dict(fp8=parts[0] == "fp8", batch=int(parts[1][1:]), mtp="mtp" in parts[2:],
               unstack="unstacked" in parts[2:], attention_kernel="attnkernel" in parts[2:],
               absorb_kernel="xlaabsorb" not in parts[2:], merged_shared="shared" in parts[2:],
-              gemv1="gemv1" in parts[2:])
+              gemv1="gemv1" in parts[2:], fused_input="fusedin" in parts[2:])
 
 
 def compile_step(config: str, *, fp8: bool = False, batch: int = 1, mtp: bool = False,
                  unstack: bool = False, attention_kernel: bool = False,
                  absorb_kernel: bool = True, merged_shared: bool = False, gemv1: bool = False,
-                 max_len: int = 832):
+                 fused_input: bool = False, max_len: int = 832):
   """(Compiled, seconds) of one decode step of the model `config` for the H100."""
   from flax import nnx
   from dsv3_jax import generate
@@ -83,7 +84,8 @@ def compile_step(config: str, *, fp8: bool = False, batch: int = 1, mtp: bool = 
     model = nnx.eval_shape(make).use_expert_gemv(
         None, min_rows=1 if gemv1 else Experts.gemv_min_rows)
     engine = generate.Engine(model, mtp=mtp, attention_kernel=attention_kernel,
-                             absorb_kernel=absorb_kernel, merged_shared=merged_shared)
+                             absorb_kernel=absorb_kernel, merged_shared=merged_shared,
+                             fused_input=fused_input)
     cache = jax.eval_shape(lambda: init_cache(cfg, batch, max_len, engine.cache_dtype,
                                               with_mtp=mtp))
     tok = jax.ShapeDtypeStruct((batch,), jnp.int32)

@@ -203,6 +203,9 @@ class Engine:
     merged_shared: one decoding token reads its shared experts in the routed experts' fused
       gather (`Transformer.use_merged_shared`, changing `model` in place); default: as the
       model is set (off unless turned on).
+    fused_input: each attention block's input norm and q/kv_a projections of a decoding step run
+      in one GEMV launch (`Transformer.use_fused_input`, changing `model` in place; needs the
+      dense GEMV kernels); default: as the model is set (off unless turned on).
     unstack: give every layer arrays of its own (`Transformer.unstack_layers`, changing `model`
       in place); compile time then grows with depth.
   """
@@ -211,7 +214,7 @@ class Engine:
                prefill_tokens: int = 8192, expert_gemv: bool | None = None,
                dense_gemv: bool | None = None, attention_kernel: bool | None = None,
                absorb_kernel: bool | None = None, merged_shared: bool | None = None,
-               unstack: bool = False):
+               fused_input: bool | None = None, unstack: bool = False):
     if mtp and not len(model.mtp):
       raise ValueError("--mtp needs a model with an MTP module (num_nextn_predict_layers ≥ 1); "
                        "this checkpoint has none")
@@ -225,6 +228,8 @@ class Engine:
       model.use_absorb_kernel(absorb_kernel)
     if merged_shared is not None:
       model.use_merged_shared(merged_shared)
+    if fused_input is not None:
+      model.use_fused_input(fused_input)
     if unstack:
       model.unstack_layers()
     self.cfg = model.cfg

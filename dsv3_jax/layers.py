@@ -19,7 +19,7 @@ from dsv3_jax.config import ModelConfig, yarn_mscale
 from pallas_kernels.fp8_ops import Fp8Backend, fp8_linear
 from pallas_kernels.fp8_train_ops import fp8_train_linear
 from pallas_kernels.gemv import MAX_ROWS as GEMV_MAX_ROWS
-from pallas_kernels.gemv import gemv
+from pallas_kernels.gemv import gemv, gemv_parts, rms_norm
 from pallas_kernels.weight_dequant import weight_quant_reference
 
 FP8_BLOCK = 128
@@ -100,9 +100,7 @@ class RMSNorm(nnx.Module):
     self.weight = param(jnp.ones((dim,), param_dtype), (axis,))
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    xf = x.astype(jnp.float32)
-    y = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
-    return (y * self.weight[...].astype(jnp.float32)).astype(x.dtype)
+    return rms_norm(x, self.weight[...], self.eps)
 
 
 class Linear(nnx.Module):

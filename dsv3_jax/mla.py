@@ -21,6 +21,8 @@ from dsv3_jax.cache import LayerCache
 from dsv3_jax.config import ModelConfig
 from dsv3_jax.layers import Linear, RMSNorm, apply_rope, rope_attention_factor, rope_inv_freq
 from dsv3_jax.remat import ATTENTION, with_saved_vjp
+from pallas_kernels.gemv import MAX_ROWS as GEMV_MAX_ROWS
+from pallas_kernels.gemv import gemv_parts
 from pallas_kernels.fp8_ops import Fp8Backend
 from pallas_kernels import mla_absorb
 from pallas_kernels.mla_decode import mla_decode
@@ -70,10 +72,17 @@ class MLA(nnx.Module):
   absorption of at most 16 decoding rows runs through pallas_kernels.mla_absorb, which reads
   kv_b_proj's weight (a scanned stack's whole, at the layer index) in place, instead of XLA's
   column reduction fused with RoPE and the concatenation (9.9 µs per V2-Lite layer on an H100).
+
+  `fuse_input` (Transformer.use_fused_input; off by default): when the block is handed its
+  un-normalized input and the RMSNorm before it (`__call__(norm=)`), at most 16 decoding rows
+  run that norm and both projections of x — q_proj (or q_a_proj) and kv_a_proj_with_mqa — in
+  one launch of pallas_kernels.gemv.gemv_parts, reading both weights in place, instead of a
+  norm (two XLA fusions) and two GEMV launches with their split-K sums.
   """
 
   decode_kernel: bool = False
   absorb_kernel: bool = False
+  fuse_input: bool = False
 
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, param_dtype=jnp.float32,
                fp8: bool = False, fp8_backend: Fp8Backend | None = None,
@@ -109,13 +118,50 @@ class MLA(nnx.Module):
   def _rope(self, x, positions):
     return apply_rope(x, positions, self.inv_freq, self.rope_factor)
 
+  def input_projections(self) -> tuple[Linear, Linear]:
+    """The two projections of the block's input: (q_proj or q_a_proj, kv_a_proj_with_mqa)."""
+    return (self.q_proj if self.q_proj is not None else self.q_a_proj), self.kv_a_proj_with_mqa
+
+  def takes_fused_input(self, rows: int, dtype) -> bool:
+    """`fuse_input` on, at most 16 rows (decoding), K whole 128-wide slabs, both input
+    projections with `gemv` on, and their weights both e4m3 with block scales or both of x's
+    16-bit dtype."""
+    if not self.fuse_input or rows > GEMV_MAX_ROWS:
+      return False
+    lins = self.input_projections()
+    if not all(lin.gemv and lin.in_features % 128 == 0 for lin in lins):
+      return False
+    dtypes = {getattr(w, "stack", w).dtype for w in (lin.weight.get_value() for lin in lins)}
+    scaled = {lin.weight_scale_inv is not None for lin in lins}
+    if len(dtypes) != 1 or len(scaled) != 1:
+      return False
+    (w_dtype,), (fp8,) = dtypes, scaled
+    if fp8:
+      return w_dtype == jnp.float8_e4m3fn and len({
+          lin.fp8_backend.scale_fmt for lin in lins}) == 1
+    return w_dtype == dtype and w_dtype in (jnp.bfloat16, jnp.float16)
+
+  def _fused_input(self, x: jax.Array, norm: RMSNorm) -> tuple[jax.Array, jax.Array]:
+    """(q_proj or q_a_proj, kv_a_proj_with_mqa) of norm(x) in one gemv_parts launch."""
+    lins = self.input_projections()
+    operands = [lin.in_place_operands() for lin in lins]
+    b, t, d = x.shape
+    nw = norm.weight.get_value()           # in a scanned stack: the whole [L, D] (LayerOfStack)
+    ys = gemv_parts(x.reshape(b * t, d), [(w, s) for w, s, _ in operands], operands[0][2],
+                    norm=getattr(nw, "stack", nw), eps=norm.eps,
+                    scale_fmt=lins[0].fp8_backend.scale_fmt,
+                    interpret=jax.devices()[0].platform != "gpu")
+    return tuple(y.reshape(b, t, -1) for y in ys)
+
   def __call__(self, x: jax.Array, positions: jax.Array, cache: LayerCache | None = None,
-               mode: AttnMode = "full", layer: jax.Array | None = None
-               ) -> tuple[jax.Array, LayerCache | None]:
+               mode: AttnMode = "full", layer: jax.Array | None = None, *,
+               norm: RMSNorm | None = None) -> tuple[jax.Array, LayerCache | None]:
     """Causal self-attention.
 
     Args:
-      x: [B, T, D] activations.
+      x: [B, T, D] activations (un-normalized when `norm` is given).
+      norm: the RMSNorm to apply to x first (DecoderLayer's input_layernorm); with
+        `takes_fused_input` it runs inside the input projections' kernel.
       positions: [B, T] absolute positions (also the cache slots written).
       cache: the cache or None. When given, the T new tokens' latents are written at their
         positions (slots of other rows and positions are untouched).
@@ -127,14 +173,18 @@ class MLA(nnx.Module):
     """
     b, t, _ = x.shape
     n = self.num_heads
-    if self.q_proj is not None:
-      q = self.q_proj(x)
+    if norm is not None and self.takes_fused_input(b * t, x.dtype):
+      q, kv = self._fused_input(x, norm)            # q_proj or q_a_proj; kv [B, T, C + R]
     else:
-      q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+      if norm is not None:
+        x = norm(x)
+      q_in, kv_a = self.input_projections()
+      q, kv = q_in(x), kv_a(x)
+    if self.q_proj is None:
+      q = self.q_b_proj(self.q_a_layernorm(q))
     q = q.reshape(b, t, n, self.nope_dim + self.rope_dim)
     q_nope, q_pe = q[..., :self.nope_dim], self._rope(q[..., self.nope_dim:], positions)
 
-    kv = self.kv_a_proj_with_mqa(x)  # [B, T, C + R]
     c_kv = self.kv_a_layernorm(kv[..., :self.kv_lora_rank])
     k_pe = self._rope(kv[..., self.kv_lora_rank:], positions)  # one head, shared by all heads
 

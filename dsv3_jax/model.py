@@ -49,7 +49,7 @@ class DecoderLayer(nnx.Module):
   def __call__(self, x, positions, cache: LayerCache | None = None, mode: AttnMode = "full",
                layer=None, *, with_aux: bool = False):
     """Returns (x, cache), or (x, cache, RoutingStats | None for a dense layer) with `with_aux`."""
-    h, cache = self.self_attn(self.input_layernorm(x), positions, cache, mode, layer)
+    h, cache = self.self_attn(x, positions, cache, mode, layer, norm=self.input_layernorm)
     x = x + h
     if not with_aux:
       return x + self.mlp(self.post_attention_layernorm(x)), cache
@@ -170,8 +170,9 @@ def cast_product_weights(module: nnx.Module, dtype) -> nnx.Module:
 def _whole_in_place(layers: nnx.Module, rows: int, dtype) -> set[tuple]:
   """Paths (in the stacked state) of the parameters that this call's kernels read in place
   from the whole stack: the routed experts' weights when `Experts.takes_gemv`, the weights of
-  every `Linear` that `takes_gemv` for these rows of activations in `dtype`, and kv_b_proj's
-  when its MLA `takes_absorb_kernel`."""
+  every `Linear` that `takes_gemv` for these rows of activations in `dtype`, the input norm and
+  the q/kv_a projections when the attention `takes_fused_input`, and kv_b_proj's when its MLA
+  `takes_absorb_kernel`."""
   whole = set()
   experts = getattr(getattr(layers, "mlp", None), "experts", None)
   if experts is not None and experts.takes_gemv(rows, layers.mlp.gate.cfg.num_experts_per_tok):
@@ -179,6 +180,12 @@ def _whole_in_place(layers: nnx.Module, rows: int, dtype) -> set[tuple]:
   for path, node in nnx.iter_graph(layers):
     if isinstance(node, Linear) and node.takes_gemv(rows, dtype):
       whole |= {(*path, "weight"), (*path, "weight_scale_inv")}
+    if isinstance(node, DecoderLayer) and node.self_attn.takes_fused_input(rows, dtype):
+      whole.add((*path, "input_layernorm", "weight"))
+      for lin in ("q_proj", "q_a_proj", "kv_a_proj_with_mqa"):
+        if getattr(node.self_attn, lin) is not None:
+          whole |= {(*path, "self_attn", lin, "weight"),
+                    (*path, "self_attn", lin, "weight_scale_inv")}
     if isinstance(node, MLA) and node.takes_absorb_kernel(rows):
       whole |= {(*path, "kv_b_proj", "weight"), (*path, "kv_b_proj", "weight_scale_inv")}
   return whole
@@ -371,6 +378,13 @@ class Transformer(nnx.Module):
     None: on GPUs. Rounding differs from the separate path (one weighted sum). For inference.
     Returns self."""
     return self._switch(MoE, "merge_shared", on)
+
+  def use_fused_input(self, on: bool | None = None) -> "Transformer":
+    """Each attention block's input RMSNorm and its q (or q_a) and kv_a projections run in one
+    GEMV launch for at most 16 decoding rows (`MLA.fuse_input`; needs `use_dense_gemv`'s
+    kernels on). `on` None: on GPUs. Rounding of the norm's mean differs from XLA's (summation
+    order). For inference. Returns self."""
+    return self._switch(MLA, "fuse_input", on)
 
   def use_dense_gemv(self, on: bool | None = None) -> "Transformer":
     """Projections (`Linear`) of at most 16 rows (decoding) run through the GEMV kernel

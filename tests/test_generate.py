@@ -300,3 +300,58 @@ def test_dense_gemv_decodes_like_the_xla_path(fp8):
   # flip this random model's near-tied logits)
   assert (run(_gemv_model(fp8), dense_gemv=True, unstack=True)
           == run(_gemv_model(fp8), dense_gemv=False, unstack=True))
+
+
+@pytest.mark.parametrize("fp8, q_lora", [(False, 128), (True, 128), (True, None)])
+def test_fused_input_decodes_like_separate_projections(fp8, q_lora, monkeypatch):
+  """`Transformer.use_fused_input`: a decoding attention block's input RMSNorm and its q (or
+  q_a) and kv_a projections in one gemv_parts launch (interpret mode here), reading the
+  scanned stack's weights and norm in place. One block's output equals the separate path's
+  (norm, then two projections) within bf16 rounding of the norm, and greedy generation gives
+  the same tokens, with and without a q LoRA (V3 / V2-Lite form)."""
+  from dsv3_jax.mla import MLA
+  from dsv3_jax.model import _whole_in_place
+  def make():
+    m = _wide_model(fp8, seed=7, dtype=jnp.bfloat16, intermediate_size=256, q_lora_rank=q_lora,
+                    kv_lora_rank=128, v_head_dim=32)
+    norm = m.moe_layers.input_layernorm.weight         # [L, D]: distinct per layer, not ones
+    norm[...] = jax.random.uniform(jax.random.key(8), norm.shape, jnp.float32, 0.5,
+                                   1.5).astype(norm.dtype)
+    return m
+
+  model = make().use_dense_gemv(True).use_fused_input(True)
+  attn = model.moe_layers.self_attn
+  assert attn.takes_fused_input(1, jnp.bfloat16) and attn.takes_fused_input(16, jnp.bfloat16)
+  assert not attn.takes_fused_input(17, jnp.bfloat16)                 # prefill
+  no_gemv = make().use_dense_gemv(False).use_fused_input(True)
+  assert not no_gemv.moe_layers.self_attn.takes_fused_input(1, jnp.bfloat16)  # needs the kernels
+  q_in = "q_a_proj" if q_lora else "q_proj"
+  whole = _whole_in_place(model.moe_layers, 1, jnp.bfloat16)
+  for path in [("input_layernorm",), ("self_attn", q_in), ("self_attn", "kv_a_proj_with_mqa")]:
+    assert (*path, "weight") in whole
+  assert ("input_layernorm", "weight") not in _whole_in_place(model.moe_layers, 17, jnp.bfloat16)
+
+  # one block, own arrays: fused against norm + separate projections
+  layer = make().unstack_layers().use_dense_gemv(True).use_fused_input(True).moe_layers[0]
+  x = jax.random.normal(jax.random.key(3), (2, 1, 128), jnp.float32).astype(jnp.bfloat16) * 4
+  pos = jnp.array([[3], [7]], jnp.int32)
+  got, _ = layer.self_attn(x, pos, norm=layer.input_layernorm)
+  layer.self_attn.fuse_input = False
+  want, _ = layer.self_attn(layer.input_layernorm(x), pos)
+  np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32),
+                             rtol=0.02, atol=0.02 * float(jnp.abs(want).max()))
+  assert float(jnp.abs(want).max()) > 1e-3
+
+  fused = []
+  original = MLA._fused_input
+  monkeypatch.setattr(MLA, "_fused_input",
+                      lambda self, x, norm: fused.append(x.shape) or original(self, x, norm))
+  prompts = [[5, 17, 99, 3], [42]]
+  run = lambda m, **kw: [o.output_ids for o in Engine(m, chunk=3, **kw).generate(
+      prompts, max_new_tokens=6)[0]]
+  if fp8 and q_lora:        # generation: the bf16 and the no-q-LoRA forms suffice (test time)
+    return
+  want = run(make(), dense_gemv=True)
+  assert not fused
+  assert run(make(), dense_gemv=True, fused_input=True) == want
+  assert fused and all(s[0] * s[1] <= 16 for s in fused)               # decode steps only
