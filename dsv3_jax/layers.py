@@ -19,7 +19,7 @@ from dsv3_jax.config import ModelConfig, yarn_mscale
 from pallas_kernels.fp8_ops import Fp8Backend, fp8_linear
 from pallas_kernels.fp8_train_ops import fp8_train_linear
 from pallas_kernels.gemv import MAX_ROWS as GEMV_MAX_ROWS
-from pallas_kernels.gemv import gemv, gemv_parts, rms_norm
+from pallas_kernels.gemv import gemv, rms_norm
 from pallas_kernels.weight_dequant import weight_quant_reference
 
 FP8_BLOCK = 128
