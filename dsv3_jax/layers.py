@@ -161,18 +161,18 @@ class Linear(nnx.Module):
     return y.astype(out_dtype or x.dtype)
 
 
-  def takes_gemv(self, rows: int, x_dtype) -> bool:
+  def takes_gemv(self, rows: int, x_dtype, *, min_16bit_rows: int = 2) -> bool:
     """`gemv` on, K whole 128-wide slabs, and either an e4m3 weight with ≤ 16 rows, or a weight
-    of x's 16-bit dtype (what the XLA path computes in, so the numerics stay) with 2–16 rows:
-    for one row XLA's fused dot-as-reduction read bf16 weights faster (H100: 5.7 against
-    7.5 µs for V2-Lite's q_proj; docs/benchmarks.md, decode round 4)."""
+    of x's 16-bit dtype (what the XLA path computes in, so the numerics stay) with
+    `min_16bit_rows`–16 rows: for one row XLA's fused dot-as-reduction read bf16 weights faster
+    (H100: 5.7 against 7.5 µs for V2-Lite's q_proj; docs/benchmarks.md, decode round 4)."""
     if not (self.gemv and rows <= GEMV_MAX_ROWS and self.in_features % FP8_BLOCK == 0):
       return False
-    w = self.weight.get_value()
-    dtype = getattr(w, "stack", w).dtype          # moe.LayerOfStack holds the whole stack
+    dtype = self.in_place_operands()[0].dtype     # moe.LayerOfStack holds the whole stack
     if self.weight_scale_inv is not None:
       return dtype == jnp.float8_e4m3fn
-    return rows >= 2 and dtype == x_dtype and dtype in (jnp.bfloat16, jnp.float16)
+    return (rows >= min_16bit_rows and dtype == x_dtype
+            and dtype in (jnp.bfloat16, jnp.float16))
 
   def in_place_operands(self) -> tuple[jax.Array, jax.Array | None, jax.Array | None]:
     """(weight, scale_inv or None, layer index or None) for a kernel that reads the weight in

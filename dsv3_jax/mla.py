@@ -21,7 +21,6 @@ from dsv3_jax.cache import LayerCache
 from dsv3_jax.config import ModelConfig
 from dsv3_jax.layers import Linear, RMSNorm, apply_rope, rope_attention_factor, rope_inv_freq
 from dsv3_jax.remat import ATTENTION, with_saved_vjp
-from pallas_kernels.gemv import MAX_ROWS as GEMV_MAX_ROWS
 from pallas_kernels.gemv import gemv_parts
 from pallas_kernels.fp8_ops import Fp8Backend
 from pallas_kernels import mla_absorb
@@ -123,23 +122,14 @@ class MLA(nnx.Module):
     return (self.q_proj if self.q_proj is not None else self.q_a_proj), self.kv_a_proj_with_mqa
 
   def takes_fused_input(self, rows: int, dtype) -> bool:
-    """`fuse_input` on, at most 16 rows (decoding), K whole 128-wide slabs, both input
-    projections with `gemv` on, and their weights both e4m3 with block scales or both of x's
-    16-bit dtype."""
-    if not self.fuse_input or rows > GEMV_MAX_ROWS:
-      return False
+    """`fuse_input` on, and both input projections would take the GEMV kernel for these rows
+    (`Linear.takes_gemv`, here from one row on for 16-bit weights too, since the norm's
+    launches go as well) with one weight dtype and one FP8 scale format."""
     lins = self.input_projections()
-    if not all(lin.gemv and lin.in_features % 128 == 0 for lin in lins):
-      return False
-    dtypes = {getattr(w, "stack", w).dtype for w in (lin.weight.get_value() for lin in lins)}
-    scaled = {lin.weight_scale_inv is not None for lin in lins}
-    if len(dtypes) != 1 or len(scaled) != 1:
-      return False
-    (w_dtype,), (fp8,) = dtypes, scaled
-    if fp8:
-      return w_dtype == jnp.float8_e4m3fn and len({
-          lin.fp8_backend.scale_fmt for lin in lins}) == 1
-    return w_dtype == dtype and w_dtype in (jnp.bfloat16, jnp.float16)
+    return (self.fuse_input
+            and all(lin.takes_gemv(rows, dtype, min_16bit_rows=1) for lin in lins)
+            and len({lin.in_place_operands()[0].dtype for lin in lins}) == 1
+            and len({lin.fp8_backend.scale_fmt for lin in lins}) == 1)
 
   def _fused_input(self, x: jax.Array, norm: RMSNorm) -> tuple[jax.Array, jax.Array]:
     """(q_proj or q_a_proj, kv_a_proj_with_mqa) of norm(x) in one gemv_parts launch."""

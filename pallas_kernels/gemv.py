@@ -206,10 +206,8 @@ def gemv(x: jax.Array, w: jax.Array, scale: jax.Array | None = None,
   Returns:
     [M, N] in out_dtype (default x.dtype).
   """
-  check_operands(x, w, scale, index, scale_fmt)
-  _check_norm(x, norm, w)
-  (y,) = _call(x, ((w, scale),), index, out_dtype=out_dtype, scale_fmt=scale_fmt, norm=norm,
-               eps=eps, config=config, interpret=interpret)
+  (y,) = gemv_parts(x, ((w, scale),), index, out_dtype=out_dtype, scale_fmt=scale_fmt,
+                    norm=norm, eps=eps, config=config, interpret=interpret)
   return y
 
 
@@ -239,11 +237,6 @@ def gemv_parts(x: jax.Array, parts, index: jax.Array | int | None = None, *, out
                      + ", ".join(f"{w.dtype}{list(w.shape)}{'' if s is None else '+scales'}"
                                  for w, s in parts))
   _check_norm(x, norm, parts[0][0])
-  return _call(x, parts, index, out_dtype=out_dtype, scale_fmt=scale_fmt, norm=norm, eps=eps,
-               config=config, interpret=interpret)
-
-
-def _call(x, parts, index, *, out_dtype, scale_fmt, norm, eps, config, interpret):
   m, k = x.shape
   out_dtype = out_dtype or x.dtype
   scaled = parts[0][1] is not None
